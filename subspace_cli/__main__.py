@@ -1,0 +1,3 @@
+from subspace_cli.cli.app import main
+
+main()

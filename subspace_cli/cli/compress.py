@@ -1,0 +1,67 @@
+"""`subspace compress MODEL`: low-rank factorisation of the Linear layers of a checkpoint."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from subspace_cli.cli.common import parse_options, run_command
+from subspace_cli.cli.options import config_from_cli, field_argument, field_option
+from subspace_cli.pipelines.compress_config import CompressConfig as C
+
+
+def compress(
+    model: str = field_argument(C, "model"),
+    out: str = field_option(C, "out", "--out", "-o"),
+    method: str = field_option(C, "method"),
+    option: Optional[List[str]] = typer.Option(None, "--option", "-O", help=C.model_fields["options"].description),
+    ratio: float = field_option(C, "ratio"),
+    allocation: str = field_option(C, "allocation"),
+    normalise: str = field_option(C, "normalise"),
+    sequential: bool = field_option(C, "sequential", "--sequential/--one-shot"),
+    calib: List[str] = field_option(C, "calib"),
+    calib_samples: int = field_option(C, "calib_samples"),
+    calib_seqlen: int = field_option(C, "calib_seqlen"),
+    eval: Optional[List[str]] = field_option(C, "eval"),
+    eval_seqlen: int = field_option(C, "eval_seqlen"),
+    eval_chars: int = field_option(C, "eval_chars"),
+    skip_eval: bool = field_option(C, "skip_eval"),
+    targets: Optional[str] = field_option(C, "targets"),
+    exclude: Optional[str] = field_option(C, "exclude"),
+    format: str = field_option(C, "format"),
+    shard_size: str = field_option(C, "shard_size"),
+    batch_size: int = field_option(C, "batch_size"),
+    overwrite: bool = field_option(C, "overwrite"),
+    device: str = field_option(C, "device"),
+    dtype: str = field_option(C, "dtype"),
+    seed: int = field_option(C, "seed"),
+    allow_pickle: bool = field_option(C, "allow_pickle"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON summary on stdout"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or info logs"),
+) -> None:
+    """Factor the Linear layers of MODEL's repeated blocks into low-rank pairs and write a checkpoint."""
+    values = {k: v for k, v in locals().items() if k in C.model_fields}
+    values["options"] = {}
+
+    def go():
+        values["options"] = parse_options(option)
+        return execute_compress(config_from_cli(C, values))
+
+    run_command(go, as_json=json_out, quiet=quiet, render=_render)
+
+
+def execute_compress(config: C):
+    from subspace_cli.pipelines.compress import run_compress
+
+    return run_compress(config)
+
+
+def _render(report) -> None:
+    from subspace_cli.report.render import print_report
+
+    print_report(report)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compress")(compress)

@@ -1,0 +1,55 @@
+"""`subspace methods [NAME]`: the method catalogue with papers, needs and options."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from subspace_cli.cli.common import run_command
+
+
+def methods(
+    name: Optional[str] = typer.Argument(None, help="show one method's options"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON on stdout"),
+) -> None:
+    """List the methods of every verb, or one method's options with defaults."""
+
+    def go():
+        from subspace_cli.methods.registry import methods_for
+
+        catalogue = []
+        for verb in ("compress",):
+            for m in methods_for(verb).values():
+                if name and m.name != name:
+                    continue
+                options = {
+                    k: {"default": f.default, "description": f.description}
+                    for k, f in m.config_class.model_fields.items()
+                }
+                catalogue.append({"verb": verb, "name": m.name, "summary": m.summary, "paper": m.paper,
+                                  "needs": list(m.needs), "options": options})
+        if name and not catalogue:
+            from subspace_cli.errors import UsageError
+
+            raise UsageError(f"unknown method '{name}'; run `subspace methods` for the list")
+        return {"methods": catalogue}
+
+    run_command(go, as_json=json_out, quiet=True, render=_render)
+
+
+def _render(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="subspace methods")
+    for col in ("verb", "method", "what", "needs", "options", "paper"):
+        table.add_column(col)
+    for m in result["methods"]:
+        opts = ", ".join(f"{k}={v['default']}" for k, v in m["options"].items()) or "–"
+        table.add_row(m["verb"], m["name"], m["summary"], ", ".join(m["needs"]) or "–", opts, m["paper"])
+    Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("methods")(methods)

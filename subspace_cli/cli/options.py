@@ -1,0 +1,40 @@
+"""Typer options whose default and help come from a pydantic config field (declared once)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+
+def field_option(model: type[BaseModel], name: str, *flags: str, default: Any = PydanticUndefined, **kwargs) -> Any:
+    info = model.model_fields[name]
+    if default is PydanticUndefined:
+        default = info.default if info.default is not PydanticUndefined else None
+        if info.default_factory is not None:
+            default = info.default_factory()
+    if not flags:
+        flags = ("--" + name.replace("_", "-"),)
+    return typer.Option(default, *flags, help=info.description, **kwargs)
+
+
+def field_argument(model: type[BaseModel], name: str, **kwargs) -> Any:
+    return typer.Argument(..., help=model.model_fields[name].description, **kwargs)
+
+
+def config_from_cli(model: type[BaseModel], values: dict[str, Any]):
+    """Build a config, turning validation errors into exit-2 messages naming the flag."""
+    from pydantic import ValidationError
+
+    from subspace_cli.errors import UsageError
+
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "options"
+        flag = "--" + field.replace("_", "-")
+        value = values.get(field, err.get("input"))
+        raise UsageError(f"{flag} {value!r}: {err['msg']}") from exc

@@ -1,0 +1,110 @@
+"""Perplexity of a causal LM over fixed windows of token ids.
+
+Each window [L] is scored on its own: position t predicts token t+1, so a window gives L − 1
+scored tokens; the result is the token-weighted mean NLL over all windows and exp of it.
+Logits are taken in the model's dtype, log-probabilities in float32 one window at a time
+(a 49k vocabulary × 256 positions is 50 MB per window in float32), sums in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+Progress = Callable[[int], None]  # called with the number of windows just processed
+
+
+def is_causal_lm(model) -> bool:
+    """True for next-token LMs (GPT-2, Llama, ...); False for encoders such as BertModel."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "is_encoder_decoder", False):
+        return False
+    name = type(model).__name__
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+            return True
+    except ImportError:  # pragma: no cover - layout of transformers changed
+        pass
+    has_head = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+    return has_head and name.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def check_seqlen(model, seqlen: int, flag: str = "--eval-seqlen") -> None:
+    """UsageError when `seqlen` exceeds the model's position embeddings (when it declares them)."""
+    from subspace_cli.errors import UsageError
+
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise UsageError(f"{flag} {seqlen} exceeds the model's {limit} positions; use at most {limit}")
+
+
+def iter_batches(windows: torch.Tensor, batch_size: int, device) -> Iterator[torch.Tensor]:
+    if windows.ndim != 2:
+        raise ValueError(f"windows must be [n, L], got shape {tuple(windows.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    for start in range(0, windows.shape[0], batch_size):
+        yield windows[start : start + batch_size].to(device=device, dtype=torch.long)
+
+
+def causal_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """[b, L] -> [b, L, V] in the model's dtype."""
+    return model(input_ids=ids, use_cache=False).logits
+
+
+def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    """Σ −log p(ids[:, t+1] | ids[:, ≤t]) over a batch, float64, and the number of tokens."""
+    total = 0.0
+    for row_logits, row_ids in zip(logits, ids):  # one window at a time bounds fp32 memory
+        losses = F.cross_entropy(row_logits[:-1].float(), row_ids[1:], reduction="none")  # [L-1]
+        total += float(losses.double().sum())
+    return total, ids.shape[0] * (ids.shape[1] - 1)
+
+
+def safe_exp(x: float) -> float:
+    return math.exp(x) if x < 700 else float("inf")
+
+
+@torch.inference_mode()
+def perplexity(
+    model, windows: torch.Tensor, *, batch_size: int = 8, device=None, progress: Progress | None = None
+) -> dict:
+    """{"ppl", "nll", "n_tokens"}: exp of the mean next-token NLL over all windows."""
+    device = device or model_device(model)
+    total, count = 0.0, 0
+    for ids in iter_batches(windows, batch_size, device):
+        s, n = nll_sum(causal_logits(model, ids), ids)
+        total, count = total + s, count + n
+        if progress:
+            progress(ids.shape[0])
+    if count == 0:
+        raise ValueError("no tokens to score: windows must be at least 2 tokens long")
+    nll = total / count
+    return {"ppl": safe_exp(nll), "nll": nll, "n_tokens": count}
+
+
+def mean_token_kl(model, baseline, windows, **kwargs) -> float:
+    """See `subspace_cli.evaluate.drift.mean_token_kl` (KL(baseline ‖ model) per token)."""
+    from subspace_cli.evaluate.drift import mean_token_kl as _kl
+
+    return _kl(model, baseline, windows, **kwargs)
+
+
+def embedding_similarity(model, baseline, windows, **kwargs) -> float:
+    """See `subspace_cli.evaluate.drift.embedding_similarity`."""
+    from subspace_cli.evaluate.drift import embedding_similarity as _sim
+
+    return _sim(model, baseline, windows, **kwargs)

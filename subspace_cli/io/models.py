@@ -1,0 +1,147 @@
+"""Model references: a local directory, a hub id already in the local cache, or builtin:NAME.
+
+`resolve_model_path` turns a reference into a local directory without loading anything;
+`load_model_and_tokenizer` loads it (safetensors only unless pickle is allowed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from subspace_cli.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class LoadedModel:
+    model: object  # transformers PreTrainedModel
+    tokenizer: object | None
+    path: Path
+    ref: str
+
+
+def resolve_model_path(ref: str) -> Path:
+    """Map a model reference to a local Hugging Face directory (exit 2 when impossible)."""
+    if ref.startswith("builtin:"):
+        from subspace_cli.io.builtins import resolve_builtin_model
+
+        return resolve_builtin_model(ref.removeprefix("builtin:"))
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"model directory '{ref}' has no config.json; pass a Hugging Face model directory")
+        return path
+    if path.exists():
+        raise UsageError(f"model '{ref}' is a file; pass a Hugging Face model directory (with config.json)")
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1 or not _HUB_ID.match(ref):
+        raise UsageError(f"model directory '{ref}' does not exist; pass a local model directory, a cached hub id or builtin:smollm2-135m")
+    return _resolve_hub_id(ref)
+
+
+def _resolve_hub_id(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py"]
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("", "0", "false"):
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        except Exception as exc:  # network errors, gated repos, unknown ids
+            reason = f"the hub is not reachable ({type(exc).__name__})"
+    raise UsageError(
+        f"model '{repo_id}' is not in the local Hugging Face cache and {reason}; "
+        "download it elsewhere and pass the local directory path instead"
+    )
+
+
+def read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot read '{path / 'config.json'}': {exc}") from exc
+
+
+def _check_weight_files(path: Path, allow_pickle: bool) -> None:
+    has_safetensors = any(path.glob("*.safetensors"))
+    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise UsageError(
+            f"'{path}' holds only pickle weights (.bin), which can run code when loaded; "
+            "convert them to safetensors or pass --allow-pickle if you trust the source"
+        )
+    if not has_safetensors and not has_pickle:
+        raise UsageError(f"'{path}' holds no weight files (*.safetensors)")
+
+
+def torch_dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise UsageError(f"--dtype '{name}' is not supported; valid: {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def model_class_for(config: dict):
+    """The transformers class named by config.json's `architectures` (no per-model table)."""
+    import transformers
+
+    archs = (config.get("subspace") or {}).get("base_architecture") or (config.get("architectures") or [None])[0]
+    cls = getattr(transformers, archs, None) if archs else None
+    if cls is None:
+        raise UsageError(f"config.json names architecture '{archs}', which this transformers version does not provide")
+    return cls
+
+
+def load_model_and_tokenizer(
+    ref: str, *, device: str = "cpu", dtype: str | None = "float32", allow_pickle: bool = False,
+    with_tokenizer: bool = True,
+) -> LoadedModel:
+    """Load any supported reference; factored subspace checkpoints load without remote code."""
+    path = resolve_model_path(ref)
+    config = read_config(path)
+    _check_weight_files(path, allow_pickle)
+    if config.get("subspace", {}).get("kind") == "factored":
+        from subspace_cli.modules.loading import load_model
+
+        model = load_model(path, device=device, dtype=torch_dtype(dtype), allow_pickle=allow_pickle)
+    else:
+        cls = model_class_for(config)
+        try:
+            model = cls.from_pretrained(
+                path, dtype=torch_dtype(dtype), use_safetensors=None if allow_pickle else True
+            )
+        except (OSError, ValueError, RuntimeError) as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"cannot load model '{ref}': {msg}") from exc
+        model.to(device)
+    model.eval()
+    tokenizer = load_tokenizer(path) if with_tokenizer else None
+    return LoadedModel(model=model, tokenizer=tokenizer, path=path, ref=ref)
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot load a tokenizer from '{path}': {exc}") from exc
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

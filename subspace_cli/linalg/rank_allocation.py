@@ -1,0 +1,111 @@
+"""Choose a rank per matrix under one parameter budget.
+
+A matrix [out, in] at rank r stores r·(in + out) parameters instead of in·out, so factoring
+only pays below the break-even rank in·out / (in + out); at or above it the matrix stays dense.
+
+- `uniform`: every matrix keeps the same fraction (1 − ratio) of its parameters.
+- `global`: minimise Σ_m loss_m(r_m) subject to Σ_m cost_m(r_m) ≤ budget, where loss_m(r) is
+  the (whitened) truncation loss Σ_{i>r} σ_i² of matrix m. Each singular value buys σ_i²
+  of loss for (in + out) parameters and the losses are convex in r, so taking singular values
+  in order of σ_i² / (in + out) across all matrices is optimal for the relaxed problem
+  (the idea of SVD-LLM V2, Wang et al. 2025, arXiv 2503.12340: heterogeneous ranks from
+  the theoretical truncation loss). `normalise="relative"` divides each matrix's losses by its
+  total energy, so a matrix counts by the fraction of its own signal lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from subspace_cli.errors import UsageError
+
+
+@dataclass(frozen=True)
+class MatrixSpec:
+    name: str
+    in_features: int
+    out_features: int
+    energy: torch.Tensor | None = None  # σ_i² descending, only needed for `global`
+
+    @property
+    def dense_params(self) -> int:
+        return self.in_features * self.out_features
+
+    @property
+    def rank_cost(self) -> int:
+        return self.in_features + self.out_features
+
+    @property
+    def break_even(self) -> int:
+        """Smallest rank at which factoring no longer saves parameters."""
+        return -(-self.dense_params // self.rank_cost)  # ceil
+
+
+def factored_params(spec: MatrixSpec, rank: int | None) -> int:
+    """rank None means the matrix stays dense."""
+    return spec.dense_params if rank is None else rank * spec.rank_cost
+
+
+def uniform_ranks(specs: list[MatrixSpec], ratio: float) -> dict[str, int | None]:
+    ranks: dict[str, int | None] = {}
+    for spec in specs:
+        rank = max(1, int((1.0 - ratio) * spec.dense_params / spec.rank_cost))  # floor: never under-remove
+        ranks[spec.name] = rank if rank < spec.break_even else None
+    return ranks
+
+
+def global_ranks(specs: list[MatrixSpec], ratio: float, normalise: str = "absolute") -> dict[str, int | None]:
+    if normalise not in ("absolute", "relative"):
+        raise UsageError(f"rank normalisation '{normalise}' is not valid; valid: absolute, relative")
+    budget = (1.0 - ratio) * sum(s.dense_params for s in specs)
+    dense: set[str] = set()
+    while True:
+        ranks = _greedy(specs, budget, dense, normalise)
+        # A matrix whose chosen rank reaches break-even is cheaper dense (and lossless):
+        # make it dense and give the freed budget to the others.
+        newly_dense = {s.name for s in specs if s.name not in dense and ranks[s.name] >= s.break_even}
+        if not newly_dense:
+            return {name: (None if name in dense else r) for name, r in ranks.items()}
+        dense |= newly_dense
+
+
+def _greedy(specs: list[MatrixSpec], budget: float, dense: set[str], normalise: str) -> dict[str, int]:
+    factored = [s for s in specs if s.name not in dense]
+    remaining = budget - sum(s.dense_params for s in specs if s.name in dense)
+    ranks = {s.name: 0 for s in specs}
+    # Every matrix keeps rank ≥ 1: pay for it first.
+    for s in factored:
+        ranks[s.name] = 1
+        remaining -= s.rank_cost
+    scores, owners, costs = [], [], []
+    for idx, s in enumerate(factored):
+        if s.energy is None:
+            raise ValueError(f"global allocation needs the spectrum of {s.name}")
+        e = s.energy[1 : s.break_even].to(torch.float64)  # candidates for ranks 2 .. break_even
+        if normalise == "relative":
+            e = e / s.energy.sum().clamp_min(1e-30)
+        scores.append(e / s.rank_cost)
+        owners.append(torch.full((e.numel(),), idx, dtype=torch.long))
+        costs.append(torch.full((e.numel(),), s.rank_cost, dtype=torch.float64))
+    if not scores:
+        return ranks
+    score = torch.cat(scores)
+    order = torch.argsort(score, descending=True, stable=True)
+    spent = torch.cumsum(torch.cat(costs)[order], 0)
+    taken = torch.cat(owners)[order][spent <= remaining]
+    counts = torch.bincount(taken, minlength=len(factored))
+    for idx, s in enumerate(factored):
+        ranks[s.name] += int(counts[idx])
+    return ranks
+
+
+def allocate(specs: list[MatrixSpec], ratio: float, allocation: str, normalise: str = "absolute") -> dict[str, int | None]:
+    if not 0.0 < ratio < 1.0:
+        raise UsageError(f"--ratio {ratio} is outside (0, 1); it is the fraction of targeted parameters removed")
+    if allocation == "uniform":
+        return uniform_ranks(specs, ratio)
+    if allocation == "global":
+        return global_ranks(specs, ratio, normalise)
+    raise UsageError(f"--allocation '{allocation}' is not valid; valid: uniform, global")

@@ -1,0 +1,198 @@
+"""The compress verb: load -> calibrate -> plan ranks -> factor block by block -> write -> report.
+
+Sequential calibration (default): block i's input statistics are taken from activations that
+went through blocks 0..i-1 *after* they were compressed, so every block is fitted to what it
+will receive at inference. One-shot (`sequential=False`) takes all statistics from the dense
+model. Global rank allocation needs every matrix's spectrum before any block is compressed, so
+it first plans ranks from the dense model's (one-shot) statistics, then applies them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from subspace_cli import __version__
+from subspace_cli.errors import UsageError
+from subspace_cli.io.checkpoint import atomic_output_dir, check_output_dir, param_count, write_checkpoint
+from subspace_cli.io.discovery import block_linears, compile_pattern, find_blocks, set_submodule, weight_matrix
+from subspace_cli.io.models import load_model_and_tokenizer
+from subspace_cli.linalg.gram import GramStats
+from subspace_cli.linalg.rank_allocation import MatrixSpec, allocate, factored_params
+from subspace_cli.linalg.truncation import decompose, energy_kept, factors, weighted_relative_error
+from subspace_cli.methods.registry import Method, MethodConfig, get_method
+from subspace_cli.modules.lowrank import LowRankLinear, densify_
+from subspace_cli.pipelines.calibration import BlockStream, collect_dense_grams, record_inputs
+from subspace_cli.pipelines.compress_config import CompressConfig
+from subspace_cli.pipelines.datasets import EvalSet, calibration_ids, evaluation_sets
+from subspace_cli.pipelines.progress import progress_bar
+from subspace_cli.report.render import write_outputs
+from subspace_cli.report.resources import StageTimer, peak_device_mb, peak_rss_mb
+from subspace_cli.report.schema import MatrixReport, ParamTotals, PerplexityReport, Report
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressState:
+    """Runtime state of one compress run (the config stays frozen)."""
+
+    config: CompressConfig
+    method: Method
+    method_config: MethodConfig
+    matrices: list[MatrixReport] = field(default_factory=list)
+
+
+def validate(config: CompressConfig) -> tuple[Method, MethodConfig]:
+    """Everything checkable before loading weights, so bad input fails fast with exit 2."""
+    method = get_method("compress", config.method)
+    method_config = method.make_config(config.options)
+    compile_pattern(config.targets, "--targets")
+    compile_pattern(config.exclude, "--exclude")
+    check_output_dir(Path(config.out), config.overwrite)
+    if "calibration" in method.needs and not config.calib:
+        raise UsageError(f"method '{method.name}' needs calibration data; pass --calib (e.g. builtin:shakespeare)")
+    return method, method_config
+
+
+def compress_layer(module: nn.Module, stats: GramStats | None, rank: int | None, state: CompressState, name: str) -> nn.Module:
+    """Factor one Linear/Conv1D at `rank` (None: keep dense) and record its report row."""
+    weight = weight_matrix(module).detach()  # [out, in]
+    out_f, in_f = weight.shape
+    spec = MatrixSpec(name, in_f, out_f)
+    gram = stats.covariance if stats is not None else None
+    bias = getattr(module, "bias", None)
+    if rank is None:
+        state.matrices.append(MatrixReport(
+            name=name, shape=(out_f, in_f), rank=None, params_before=spec.dense_params,
+            params_after=spec.dense_params, whitened_rel_error=0.0, energy_kept=1.0))
+        return module
+    spectral = decompose(weight, state.method.build(weight, stats, state.method_config))
+    up, down = factors(spectral, rank)  # [out, r], [r, in] float64
+    state.matrices.append(MatrixReport(
+        name=name, shape=(out_f, in_f), rank=rank, params_before=spec.dense_params,
+        params_after=factored_params(spec, rank),
+        whitened_rel_error=weighted_relative_error(weight, up @ down, gram),
+        energy_kept=energy_kept(spectral, rank)))
+    dtype = weight.dtype
+    return LowRankLinear.from_factors(
+        up.to(dtype), down.to(dtype), None if bias is None else bias.detach().clone()
+    ).to(weight.device)
+
+
+def plan_ranks(model: nn.Module, config: CompressConfig, state: CompressState, input_ids: torch.Tensor | None) -> dict[str, int | None]:
+    """Ranks for every targeted matrix; `global` reads spectra from the dense model's statistics."""
+    blocks = find_blocks(model)
+    layers: dict[str, nn.Module] = {}
+    for i, block in enumerate(blocks.modules):
+        layers.update(block_linears(block, blocks.block_path(i), config.targets, config.exclude))
+    if not layers:
+        raise UsageError(f"no layers matched --targets '{config.targets}' / --exclude '{config.exclude}' in {blocks.path}")
+    if config.allocation == "uniform":
+        specs = [MatrixSpec(n, *reversed(tuple(weight_matrix(m).shape))) for n, m in layers.items()]
+        return allocate(specs, config.ratio, "uniform")
+    grams = (collect_dense_grams(model, input_ids, targets=config.targets, exclude=config.exclude,
+                                 device=config.device, batch_size=config.batch_size)
+             if input_ids is not None else {})
+    specs = []
+    for name, module in layers.items():
+        weight = weight_matrix(module).detach()
+        spectral = decompose(weight, state.method.build(weight, grams.get(name), state.method_config))
+        specs.append(MatrixSpec(name, weight.shape[1], weight.shape[0], energy=spectral.energy))
+    return allocate(specs, config.ratio, "global", config.normalise)
+
+
+@torch.no_grad()
+def compress_model(model: nn.Module, config: CompressConfig, state: CompressState, ranks: dict[str, int | None],
+                   input_ids: torch.Tensor | None) -> None:
+    """Replace targeted layers block by block, streaming calibration activations."""
+    blocks = find_blocks(model)
+    stream = BlockStream(model, input_ids, batch_size=config.batch_size, device=config.device) if input_ids is not None else None
+    with progress_bar("compressing blocks", total=len(blocks)) as advance:
+        for i, block in enumerate(blocks.modules):
+            layers = block_linears(block, blocks.block_path(i), config.targets, config.exclude)
+            stats: dict[str, GramStats] = {}
+            outputs = None
+            if stream is not None:
+                with record_inputs(layers, config.device) as stats:
+                    outputs = stream.run_block(i)
+            for name, module in layers.items():
+                new = compress_layer(module, stats.get(name), ranks[name], state, name)
+                if new is not module:
+                    set_submodule(model, name, new)
+            if stream is not None:
+                # Sequential: the next block sees this block's compressed output.
+                stream.advance(stream.run_block(i) if config.sequential else outputs)
+            advance()
+
+
+def _perplexities(model, sets: list[EvalSet], config: CompressConfig) -> dict[str, dict]:
+    from subspace_cli.evaluate.perplexity import perplexity
+
+    return {s.name: perplexity(model, s.windows, batch_size=config.batch_size, device=config.device) for s in sets}
+
+
+def run_compress(config: CompressConfig) -> dict:
+    method, method_config = validate(config)
+    torch.manual_seed(config.seed)
+    timer = StageTimer()
+    state = CompressState(config=config, method=method, method_config=method_config)
+    notes: list[str] = []
+
+    with timer.stage("load"):
+        loaded = load_model_and_tokenizer(config.model, device=config.device, dtype=config.dtype,
+                                          allow_pickle=config.allow_pickle)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    params_before = param_count(model)
+
+    input_ids = None
+    with timer.stage("data"):
+        if config.calib:
+            input_ids = calibration_ids(config, model, tokenizer)
+        eval_sets = [] if config.skip_eval else evaluation_sets(config, model, tokenizer, notes)
+
+    with timer.stage("eval_before"):
+        before = _perplexities(model, eval_sets, config)
+
+    with timer.stage("plan"):
+        ranks = plan_ranks(model, config, state, input_ids)
+    with timer.stage("compress"):
+        compress_model(model, config, state, ranks, input_ids)
+
+    with timer.stage("eval_after"):
+        after = _perplexities(model, eval_sets, config)
+
+    with atomic_output_dir(Path(config.out), config.overwrite) as tmp:
+        with timer.stage("write"):
+            if config.format == "dense":
+                densify_(model)
+            write_checkpoint(model, tmp, source_dir=loaded.path, max_shard_size=config.shard_size)
+        report = _build_report(config, state, model, params_before, before, after, timer, notes)
+        write_outputs(tmp, report, recipe={"verb": "compress", "config": config.model_dump(mode="json")})
+    return report
+
+
+def _build_report(config, state, model, params_before, before, after, timer, notes) -> Report:
+    targeted_before = sum(m.params_before for m in state.matrices)
+    targeted_after = sum(m.params_after for m in state.matrices)
+    params_after = param_count(model)
+    perplexity = {
+        name: PerplexityReport(before=before[name]["ppl"], after=after[name]["ppl"],
+                               ratio=after[name]["ppl"] / before[name]["ppl"], n_tokens=after[name]["n_tokens"])
+        for name in before
+    }
+    return Report(
+        tool_version=__version__, verb="compress", model=config.model, method=config.method,
+        options=config.model_dump(mode="json"), matrices=state.matrices,
+        params=ParamTotals(
+            targeted_before=targeted_before, targeted_after=targeted_after,
+            targeted_ratio_removed=1 - targeted_after / max(targeted_before, 1),
+            model_before=params_before, model_after=params_after,
+            model_ratio_removed=1 - params_after / max(params_before, 1)),
+        perplexity=perplexity, timings_s=dict(timer.seconds), peak_rss_mb=peak_rss_mb(),
+        peak_device_mb=peak_device_mb(), output={"path": str(config.out), "format": config.format}, notes=notes,
+    )

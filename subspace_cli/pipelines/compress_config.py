@@ -1,0 +1,57 @@
+"""The compress verb's options, declared once: CLI flags, recipe keys and report fields come from
+these fields (help text is each field's description)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class RunOptions(BaseModel):
+    """Options every verb shares."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the model is loaded and written in")
+    seed: int = Field(0, description="seed for calibration sampling and anything random")
+    allow_pickle: bool = Field(False, description="allow loading pickle (.bin) weights; they can run code")
+
+
+class CompressConfig(RunOptions):
+    model: str = Field(description="model: local directory, cached hub id, or builtin:smollm2-135m / builtin:minilm-l6")
+    out: str = Field(description="output directory (written atomically)")
+    method: str = Field("svd-llm", description="compression method (see `subspace methods`)")
+    options: dict[str, Any] = Field(default_factory=dict, description="method options as KEY=VALUE (see `subspace methods NAME`)")
+    ratio: float = Field(0.2, gt=0.0, lt=1.0, description="fraction of the targeted layers' parameters to remove")
+    allocation: Literal["uniform", "global"] = Field(
+        "global", description="uniform: same ratio per matrix; global: ranks minimising total whitened loss under one budget")
+    normalise: Literal["absolute", "relative"] = Field(
+        "absolute", description="global allocation: compare absolute whitened losses, or each matrix's fraction of energy lost")
+    sequential: bool = Field(True, description="fit each block to the activations of the blocks already compressed")
+    calib: list[str] = Field(
+        default_factory=lambda: ["builtin:shakespeare"],
+        description="calibration data: text file, directory of .txt, .jsonl with 'text', builtin:shakespeare, builtin:kjv, "
+        "or self (text sampled from the model); several sources are mixed evenly")
+    calib_samples: int = Field(64, ge=1, description="number of calibration sequences")
+    calib_seqlen: int = Field(256, ge=8, description="tokens per calibration sequence")
+    eval: list[str] | None = Field(None, description="data to score perplexity on (held-out 5% of each); default: the calibration sources")
+    eval_seqlen: int = Field(256, ge=8, description="tokens per perplexity window")
+    eval_chars: int = Field(40000, ge=100, description="characters of held-out text scored per source")
+    skip_eval: bool = Field(False, description="skip the before/after perplexity evaluation")
+    targets: str | None = Field(None, description="regex: only layers whose dotted path matches")
+    exclude: str | None = Field(None, description="regex: skip layers whose dotted path matches")
+    format: Literal["factored", "dense"] = Field("factored", description="factored (LowRankLinear) or plain dense checkpoint")
+    shard_size: str = Field("2GB", description="maximum safetensors shard size")
+    batch_size: int = Field(8, ge=1, description="sequences per forward pass")
+    overwrite: bool = Field(False, description="replace a non-empty output directory")
+
+    @field_validator("calib", "eval", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        if isinstance(value, str):
+            value = [value]
+        if value is None:
+            return None
+        return [part.strip() for item in value for part in str(item).split(",") if part.strip()]

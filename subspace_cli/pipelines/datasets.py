@@ -1,0 +1,51 @@
+"""Calibration token ids and held-out evaluation windows for a verb's config.
+
+Calibration comes from the first 95% of each source, evaluation from the last 5%, so the two
+never overlap. `self` (text sampled from the model) takes its even share of the samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from subspace_cli.io import data
+
+
+@dataclass
+class EvalSet:
+    name: str
+    windows: torch.Tensor  # [n, eval_seqlen]
+
+
+def calibration_ids(config, model, tokenizer) -> torch.Tensor:
+    """[calib_samples, calib_seqlen] token ids, sources mixed evenly in the order given."""
+    specs = list(config.calib)
+    n_self = round(config.calib_samples * specs.count(data.SELF_SPEC) / len(specs))
+    texts = [s for s in specs if s != data.SELF_SPEC]
+    parts = []
+    if texts and config.calib_samples - n_self > 0:
+        parts.append(data.resolve_calibration(
+            texts, tokenizer, config.calib_samples - n_self, config.calib_seqlen, config.seed).input_ids)
+    if n_self:
+        from subspace_cli.pipelines.self_calibration import generate_calibration
+
+        parts.append(generate_calibration(model, tokenizer, n_self, config.calib_seqlen, config.seed,
+                                          device=config.device))
+    return torch.cat(parts)
+
+
+def evaluation_sets(config, model, tokenizer, notes: list[str]) -> list[EvalSet]:
+    from subspace_cli.evaluate.perplexity import is_causal_lm
+
+    if not is_causal_lm(model):
+        notes.append(f"perplexity skipped: {type(model).__name__} is not a causal language model")
+        return []
+    specs = config.eval if config.eval is not None else [s for s in config.calib if s != data.SELF_SPEC]
+    if not specs:
+        notes.append("perplexity skipped: no evaluation data (pass --eval)")
+    return [
+        EvalSet(spec, data.eval_windows(tokenizer, data.load_heldout(spec), config.eval_seqlen, config.eval_chars))
+        for spec in specs
+    ]

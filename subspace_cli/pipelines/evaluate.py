@@ -1,0 +1,128 @@
+"""The eval verb: perplexity on held-out text, drift against a baseline, quality gates.
+
+The default split scores the last 5% of the data (io/data.split_holdout), which calibration
+never samples from, so a compressed model is not scored on its own calibration text. Windows
+are non-overlapping, `eval_seqlen` tokens each, over the first `eval_chars` characters.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from pydantic import Field
+
+from subspace_cli.errors import UsageError
+from subspace_cli.pipelines.compress_config import RunOptions
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("ppl", "nll", "n_tokens")
+BASELINE_FIELDS = ("baseline_ppl", "baseline_nll", "ppl_ratio", "kl", "embedding_similarity")
+
+
+class EvalConfig(RunOptions):
+    model: str = Field(description="model: local directory, cached hub id, or builtin:smollm2-135m / builtin:minilm-l6")
+    data: str = Field(description="evaluation data: text file, directory of .txt, .jsonl with 'text', builtin:shakespeare or builtin:kjv")
+    baseline: str | None = Field(None, description="reference model for ppl_ratio and per-token KL (or embedding similarity for encoders)")
+    eval_seqlen: int = Field(256, ge=2, description="tokens per perplexity window")
+    eval_chars: int = Field(40000, ge=100, description="characters of the split scored (from its start)")
+    split: Literal["heldout", "all"] = Field("heldout", description="heldout: the last 5% of the data (never used for calibration); all: the whole text")
+    fail_if: list[str] = Field(default_factory=list, description="quality gate 'FIELD OP VALUE', e.g. 'ppl_ratio>1.5'; repeatable; exit 1 if any holds")
+    batch_size: int = Field(8, ge=1, description="windows per forward pass")
+
+
+def validate(config: EvalConfig):
+    """Gate syntax and fields, before any weights are loaded (exit 2)."""
+    from subspace_cli.evaluate.gates import parse_conditions
+
+    conditions = parse_conditions(config.fail_if, FIELDS + BASELINE_FIELDS)
+    if config.baseline is None:
+        for cond in conditions:
+            if cond.field in BASELINE_FIELDS:
+                raise UsageError(f"--fail-if '{cond.text}': field '{cond.field}' needs --baseline; without it valid fields: {', '.join(FIELDS)}")
+    return conditions
+
+
+def evaluation_text(config: EvalConfig) -> str:
+    from subspace_cli.io.data import load_text, split_holdout, split_specs
+
+    specs = split_specs(config.data)
+    if len(specs) != 1:
+        raise UsageError(f"--data '{config.data}' names {len(specs)} sources; eval scores one, run it once per source")
+    text = load_text(specs[0])
+    return split_holdout(text)[1] if config.split == "heldout" else text
+
+
+def _load(ref: str, config: EvalConfig, with_tokenizer: bool = True):
+    from subspace_cli.io.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(ref, device=config.device, dtype=config.dtype, allow_pickle=config.allow_pickle,
+                                    with_tokenizer=with_tokenizer)
+
+
+def _check_tokenizers(model_tok, base_tok, config: EvalConfig) -> None:
+    if model_tok is None or base_tok is None:
+        return
+    if model_tok.get_vocab() != base_tok.get_vocab():
+        raise UsageError(
+            f"model '{config.model}' and baseline '{config.baseline}' have different tokenizers; "
+            "drift is only defined between models that share one"
+        )
+
+
+def run_eval(config: EvalConfig) -> dict:
+    """Score the model (and baseline) on the data; JSON-ready dict. GateFailed if a gate holds."""
+    from subspace_cli.evaluate.drift import score_windows
+    from subspace_cli.evaluate.gates import check_gates, raise_if_failed
+    from subspace_cli.evaluate.perplexity import check_seqlen
+    from subspace_cli.io.data import eval_windows
+    from subspace_cli.pipelines.progress import progress_bar
+    from subspace_cli.report.resources import StageTimer, peak_device_mb, peak_rss_mb
+
+    conditions = validate(config)
+    timer = StageTimer()
+    with timer.stage("data"):
+        text = evaluation_text(config)
+    with timer.stage("load"):
+        loaded = _load(config.model, config)
+        baseline = _load(config.baseline, config) if config.baseline else None
+    tokenizer = loaded.tokenizer if loaded.tokenizer is not None else (baseline.tokenizer if baseline else None)
+    if tokenizer is None:
+        raise UsageError(f"model '{config.model}' has no tokenizer files; copy them into its directory")
+    if baseline is not None:
+        _check_tokenizers(loaded.tokenizer, baseline.tokenizer, config)
+    check_seqlen(loaded.model, config.eval_seqlen, "--eval-seqlen")
+    windows = eval_windows(tokenizer, text, config.eval_seqlen, max_chars=config.eval_chars)  # [n, L]
+
+    with timer.stage("evaluate"), progress_bar("evaluating windows", total=windows.shape[0]) as advance:
+
+        def progress(n_windows: int) -> None:
+            for _ in range(n_windows):
+                advance()
+
+        scores = score_windows(
+            loaded.model, windows, baseline=baseline.model if baseline else None, batch_size=config.batch_size,
+            device=config.device, progress=progress,
+        )
+    result = {
+        "model": config.model,
+        "baseline": config.baseline,
+        "data": config.data,
+        "split": config.split,
+        "eval_seqlen": int(windows.shape[1]),
+        "n_windows": int(windows.shape[0]),
+        **scores,
+    }
+    if scores["metric"] != "perplexity":
+        result["note"] = (f"{type(loaded.model).__name__} has no language-model head: reported the mean per-token "
+                          "cosine similarity of last hidden states to the baseline instead of perplexity")
+        log.warning(result["note"])
+    gates = check_gates(conditions, scores)
+    result["gates"] = [g.to_dict() for g in gates]
+    result["ok"] = not any(g.failed for g in gates)
+    result["seconds"] = timer.seconds
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    result["peak_device_mb"] = peak_device_mb()
+    raise_if_failed(gates, summary=result)
+    return result

@@ -1,0 +1,80 @@
+"""Render a report for people (report.md, the terminal) and write the three output files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from subspace_cli.report.schema import Report
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def to_markdown(report: Report) -> str:
+    lines = [f"# subspace {report.verb}: {report.method} on {report.model}", ""]
+    lines += [f"subspace {report.tool_version}, report schema {report.schema_version}", ""]
+    if report.params:
+        p = report.params
+        lines += ["## Parameters", "", "| scope | before | after | removed |", "|---|---:|---:|---:|",
+                  f"| targeted layers | {p.targeted_before:,} | {p.targeted_after:,} | {p.targeted_ratio_removed:.2%} |",
+                  f"| whole model | {p.model_before:,} | {p.model_after:,} | {p.model_ratio_removed:.2%} |", ""]
+    if report.perplexity:
+        lines += ["## Held-out perplexity", "", "| data | before | after | ratio | tokens |", "|---|---:|---:|---:|---:|"]
+        for name, ppl in report.perplexity.items():
+            lines.append(f"| {name} | {_fmt(ppl.before)} | {_fmt(ppl.after)} | {_fmt(ppl.ratio)} | {ppl.n_tokens} |")
+        lines.append("")
+    lines += ["## Time and memory", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in report.timings_s.items()]
+    lines += ["", f"Peak RSS: {report.peak_rss_mb:.0f} MiB" + (
+        f"; peak device memory: {report.peak_device_mb:.0f} MiB" if report.peak_device_mb is not None else ""), ""]
+    if report.notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
+    if report.matrices:
+        lines += ["## Matrices", "", "| matrix | shape | rank | params before | after | whitened rel. error | energy kept |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for m in report.matrices:
+            rank = "dense" if m.rank is None else m.rank
+            lines.append(f"| {m.name} | {m.shape[0]}×{m.shape[1]} | {rank} | {m.params_before:,} | {m.params_after:,} "
+                         f"| {m.whitened_rel_error:.4f} | {m.energy_kept:.4f} |")
+        lines.append("")
+    lines += ["## Options", "", "```yaml", yaml.safe_dump(report.options, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def write_outputs(directory: Path, report: Report, recipe: dict) -> None:
+    """report.json, report.md and recipe.yaml (re-runnable with `subspace run`)."""
+    (directory / "report.json").write_text(json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
+    (directory / "report.md").write_text(to_markdown(report))
+    (directory / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+
+def print_report(report: Report) -> None:
+    """A compact terminal view (stdout): totals and perplexity, not the per-matrix table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]subspace {report.verb}[/]: {report.method} on {report.model} -> {report.output.get('path')}")
+    if report.params:
+        p = report.params
+        console.print(f"targeted params {p.targeted_before:,} -> {p.targeted_after:,} ({p.targeted_ratio_removed:.1%} removed); "
+                      f"whole model {p.model_before:,} -> {p.model_after:,} ({p.model_ratio_removed:.1%} removed)")
+    if report.perplexity:
+        table = Table(title="held-out perplexity")
+        for col in ("data", "before", "after", "ratio", "tokens"):
+            table.add_column(col, justify="left" if col == "data" else "right")
+        for name, ppl in report.perplexity.items():
+            table.add_row(name, _fmt(ppl.before), _fmt(ppl.after), _fmt(ppl.ratio), str(ppl.n_tokens))
+        console.print(table)
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings_s.items())
+    console.print(f"time: {stages}; peak RSS {report.peak_rss_mb:.0f} MiB")
+    for note in report.notes:
+        console.print(f"note: {note}")

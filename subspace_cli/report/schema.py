@@ -1,0 +1,59 @@
+"""Versioned report schema. `report.json` is this model dumped; bump SCHEMA_VERSION on any
+incompatible change."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+SCHEMA_VERSION = 1
+
+
+class MatrixReport(BaseModel):
+    name: str
+    shape: tuple[int, int]  # [out, in]
+    rank: int | None  # None: kept dense
+    params_before: int
+    params_after: int
+    whitened_rel_error: float = Field(description="‖(W−W′)X‖/‖WX‖ over calibration inputs (plain Frobenius without calibration)")
+    energy_kept: float = Field(description="fraction of Σσ² kept in the method's own (whitened/scaled) space")
+
+
+class ParamTotals(BaseModel):
+    targeted_before: int
+    targeted_after: int
+    targeted_ratio_removed: float
+    model_before: int
+    model_after: int
+    model_ratio_removed: float
+
+
+class PerplexityReport(BaseModel):
+    before: float | None = None
+    after: float | None = None
+    ratio: float | None = None
+    n_tokens: int = 0
+
+
+class Report(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    tool_version: str
+    verb: str
+    model: str
+    method: str
+    options: dict[str, Any]
+    matrices: list[MatrixReport] = Field(default_factory=list)
+    params: ParamTotals | None = None
+    perplexity: dict[str, PerplexityReport] = Field(default_factory=dict)
+    timings_s: dict[str, float] = Field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+    peak_device_mb: float | None = None
+    output: dict[str, Any] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """The one-object `--json` summary: everything but the per-matrix table."""
+        data = self.model_dump(mode="json", exclude={"matrices"})
+        data["ok"] = True
+        return data

@@ -1,0 +1,86 @@
+"""Tiny random models built on the fly (no network), in the spirit of mergekit's picollama.
+
+Each builder writes a complete Hugging Face directory (config, safetensors, a character-level
+tokenizer) and returns its path. Hidden 32, 2 blocks, vocab 128: every test runs in seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 128
+
+
+def make_char_tokenizer():
+    """A character-level fast tokenizer over printable ASCII (ids < VOCAB)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for code in range(32, 127):
+        vocab[chr(code)] = len(vocab)
+    vocab["\n"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def _save(model, path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    make_char_tokenizer().save_pretrained(path)
+    return path
+
+
+def make_tiny_llama(path: Path, seed: int = 0) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )
+    return _save(LlamaForCausalLM(config).eval(), Path(path))
+
+
+def make_tiny_gpt2(path: Path, seed: int = 0) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+        bos_token_id=1, eos_token_id=2,
+    )
+    return _save(GPT2LMHeadModel(config).eval(), Path(path))
+
+
+def make_tiny_bert(path: Path, seed: int = 0) -> Path:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=256, pad_token_id=3,
+    )
+    return _save(BertModel(config).eval(), Path(path))
+
+
+TEXT = (
+    "To be, or not to be, that is the question:\n"
+    "Whether 'tis nobler in the mind to suffer\n"
+    "The slings and arrows of outrageous fortune,\n"
+    "Or to take arms against a sea of troubles\n"
+    "And by opposing end them. To die: to sleep;\n"
+) * 40
+
+
+def write_text(path: Path, text: str = TEXT) -> Path:
+    path = Path(path)
+    path.write_text(text)
+    return path
