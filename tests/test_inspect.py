@@ -133,3 +133,11 @@ def test_inspect_bad_input_exits_2(tiny_llama, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert lines[-1].startswith("error: ") and sum("error" in line for line in lines) == 1, result.stderr
         assert result.stdout == ""
+
+
+def test_singular_values_any_orientation():
+    from subspace_cli.linalg.spectra import singular_values
+
+    m = torch.randn(7, 19, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(singular_values(m), torch.linalg.svdvals(m), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(singular_values(m.T), torch.linalg.svdvals(m), rtol=1e-12, atol=1e-12)

@@ -26,6 +26,9 @@ def setup_logging(quiet: bool, as_json: bool) -> None:
 
     handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False)
     logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would bypass --quiet and non-tty checks
     for noisy in ("transformers", "huggingface_hub", "accelerate", "torch"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -68,25 +67,6 @@ def _resolve_hub_id(repo_id: str) -> Path:
     )
 
 
-def read_config(path: Path) -> dict:
-    try:
-        return json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read '{path / 'config.json'}': {exc}") from exc
-
-
-def _check_weight_files(path: Path, allow_pickle: bool) -> None:
-    has_safetensors = any(path.glob("*.safetensors"))
-    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
-    if not has_safetensors and has_pickle and not allow_pickle:
-        raise UsageError(
-            f"'{path}' holds only pickle weights (.bin), which can run code when loaded; "
-            "convert them to safetensors or pass --allow-pickle if you trust the source"
-        )
-    if not has_safetensors and not has_pickle:
-        raise UsageError(f"'{path}' holds no weight files (*.safetensors)")
-
-
 def torch_dtype(name: str | None):
     import torch
 
@@ -97,39 +77,17 @@ def torch_dtype(name: str | None):
     return getattr(torch, name)
 
 
-def model_class_for(config: dict):
-    """The transformers class named by config.json's `architectures` (no per-model table)."""
-    import transformers
-
-    archs = (config.get("subspace") or {}).get("base_architecture") or (config.get("architectures") or [None])[0]
-    cls = getattr(transformers, archs, None) if archs else None
-    if cls is None:
-        raise UsageError(f"config.json names architecture '{archs}', which this transformers version does not provide")
-    return cls
-
-
 def load_model_and_tokenizer(
     ref: str, *, device: str = "cpu", dtype: str | None = "float32", allow_pickle: bool = False,
     with_tokenizer: bool = True,
 ) -> LoadedModel:
-    """Load any supported reference; factored subspace checkpoints load without remote code."""
-    path = resolve_model_path(ref)
-    config = read_config(path)
-    _check_weight_files(path, allow_pickle)
-    if config.get("subspace", {}).get("kind") == "factored":
-        from subspace_cli.modules.loading import load_model
+    """Load any supported reference (safetensors only unless `allow_pickle`)."""
+    from subspace_cli.modules.loading import load_model
 
-        model = load_model(path, device=device, dtype=torch_dtype(dtype), allow_pickle=allow_pickle)
-    else:
-        cls = model_class_for(config)
-        try:
-            model = cls.from_pretrained(
-                path, dtype=torch_dtype(dtype), use_safetensors=None if allow_pickle else True
-            )
-        except (OSError, ValueError, RuntimeError) as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"cannot load model '{ref}': {msg}") from exc
-        model.to(device)
+    path = resolve_model_path(ref)
+    # One loader for factored and plain checkpoints: it refuses pickle unless allowed and names
+    # corrupt or mismatched weight files; factored layers load without remote code.
+    model = load_model(path, device=device, dtype=torch_dtype(dtype), allow_pickle=allow_pickle)
     model.eval()
     tokenizer = load_tokenizer(path) if with_tokenizer else None
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, ref=ref)

@@ -28,6 +28,8 @@ class MatrixSpec:
     in_features: int
     out_features: int
     energy: torch.Tensor | None = None  # σ_i² descending, only needed for `global`
+    min_rank: int = 1  # global allocation never goes below this rank
+    group: str = ""  # budget group: matrices of one group share one budget (e.g. one projection type)
 
     @property
     def dense_params(self) -> int:
@@ -56,9 +58,17 @@ def uniform_ranks(specs: list[MatrixSpec], ratio: float) -> dict[str, int | None
     return ranks
 
 
-def global_ranks(specs: list[MatrixSpec], ratio: float, normalise: str = "absolute") -> dict[str, int | None]:
+def global_ranks(specs: list[MatrixSpec], ratio: float, normalise: str = "relative") -> dict[str, int | None]:
+    """Greedy allocation, run separately inside each budget group."""
     if normalise not in ("absolute", "relative"):
         raise UsageError(f"rank normalisation '{normalise}' is not valid; valid: absolute, relative")
+    ranks: dict[str, int | None] = {}
+    for group in dict.fromkeys(s.group for s in specs):
+        ranks.update(_group_ranks([s for s in specs if s.group == group], ratio, normalise))
+    return ranks
+
+
+def _group_ranks(specs: list[MatrixSpec], ratio: float, normalise: str) -> dict[str, int | None]:
     budget = (1.0 - ratio) * sum(s.dense_params for s in specs)
     dense: set[str] = set()
     while True:
@@ -75,15 +85,15 @@ def _greedy(specs: list[MatrixSpec], budget: float, dense: set[str], normalise: 
     factored = [s for s in specs if s.name not in dense]
     remaining = budget - sum(s.dense_params for s in specs if s.name in dense)
     ranks = {s.name: 0 for s in specs}
-    # Every matrix keeps rank ≥ 1: pay for it first.
+    # Every matrix keeps at least its floor rank: pay for it first.
     for s in factored:
-        ranks[s.name] = 1
-        remaining -= s.rank_cost
+        ranks[s.name] = min(s.min_rank, s.break_even)
+        remaining -= ranks[s.name] * s.rank_cost
     scores, owners, costs = [], [], []
     for idx, s in enumerate(factored):
         if s.energy is None:
             raise ValueError(f"global allocation needs the spectrum of {s.name}")
-        e = s.energy[1 : s.break_even].to(torch.float64)  # candidates for ranks 2 .. break_even
+        e = s.energy[ranks[s.name] : s.break_even].to(torch.float64)  # candidates for ranks floor+1 .. break_even
         if normalise == "relative":
             e = e / s.energy.sum().clamp_min(1e-30)
         scores.append(e / s.rank_cost)
@@ -101,7 +111,7 @@ def _greedy(specs: list[MatrixSpec], budget: float, dense: set[str], normalise: 
     return ranks
 
 
-def allocate(specs: list[MatrixSpec], ratio: float, allocation: str, normalise: str = "absolute") -> dict[str, int | None]:
+def allocate(specs: list[MatrixSpec], ratio: float, allocation: str, normalise: str = "relative") -> dict[str, int | None]:
     if not 0.0 < ratio < 1.0:
         raise UsageError(f"--ratio {ratio} is outside (0, 1); it is the fraction of targeted parameters removed")
     if allocation == "uniform":

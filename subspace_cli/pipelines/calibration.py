@@ -8,6 +8,7 @@ n_batches × (B, L, hidden).
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -70,17 +71,35 @@ class BlockStream:
 
 @contextmanager
 def record_inputs(modules: dict[str, nn.Module], device: str = "cpu") -> Iterator[dict[str, GramStats]]:
-    """Forward hooks that accumulate each module's input statistics while the block runs."""
+    """Forward hooks that accumulate each module's input statistics while the block runs.
+
+    Layers fed the very same tensor (q/k/v projections, gate/up) share one GramStats: the
+    Gram is the costliest part of calibration, so it is computed once per distinct input.
+    """
     stats = {name: GramStats(in_out_features(m)[0], device=device) for name, m in modules.items()}
-    handles = [
-        m.register_forward_hook(lambda mod, args, out, s=stats[name]: s.update(args[0].detach()))
-        for name, m in modules.items()
-    ]
+    owner_of: dict[str, str] = {}  # layer -> layer whose identical input it shares
+    seen: dict[tuple, tuple[weakref.ref, str]] = {}  # input address -> (the tensor, first layer)
+
+    def hook(module, args, out, name):
+        x = args[0]
+        key = (x.data_ptr(), tuple(x.shape), x.stride())
+        previous = seen.get(key)
+        if previous is not None and previous[0]() is x:  # the same live tensor, not a reused address
+            if previous[1] != name:
+                owner_of[name] = previous[1]
+                return
+        else:
+            seen[key] = (weakref.ref(x), name)
+        stats[name].update(x.detach())
+
+    handles = [m.register_forward_hook(lambda mod, a, o, n=name: hook(mod, a, o, n)) for name, m in modules.items()]
     try:
         yield stats
     finally:
         for h in handles:
             h.remove()
+        for name, first in owner_of.items():
+            stats[name] = stats[first]
 
 
 @torch.no_grad()

@@ -28,7 +28,13 @@ class CompressConfig(RunOptions):
     allocation: Literal["uniform", "global"] = Field(
         "global", description="uniform: same ratio per matrix; global: ranks minimising total whitened loss under one budget")
     normalise: Literal["absolute", "relative"] = Field(
-        "absolute", description="global allocation: compare absolute whitened losses, or each matrix's fraction of energy lost")
+        "relative", description="global allocation: compare absolute whitened losses, or each matrix's fraction of energy lost")
+    budget_scope: Literal["model", "type"] = Field(
+        "model", description="global allocation: one budget for all matrices, or one per projection type (q_proj, ...)")
+    min_rank_fraction: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="global allocation: no matrix gets a rank below this fraction of its uniform-allocation rank "
+        "(whitened energy alone under-rates matrices dominated by outlier channels)")
     sequential: bool = Field(True, description="fit each block to the activations of the blocks already compressed")
     calib: list[str] = Field(
         default_factory=lambda: ["builtin:shakespeare"],
@@ -37,7 +43,7 @@ class CompressConfig(RunOptions):
     calib_samples: int = Field(64, ge=1, description="number of calibration sequences")
     calib_seqlen: int = Field(256, ge=8, description="tokens per calibration sequence")
     eval: list[str] | None = Field(None, description="data to score perplexity on (held-out 5% of each); default: the calibration sources")
-    eval_seqlen: int = Field(256, ge=8, description="tokens per perplexity window")
+    eval_seqlen: int = Field(512, ge=8, description="tokens per perplexity window (non-overlapping)")
     eval_chars: int = Field(40000, ge=100, description="characters of held-out text scored per source")
     skip_eval: bool = Field(False, description="skip the before/after perplexity evaluation")
     targets: str | None = Field(None, description="regex: only layers whose dotted path matches")

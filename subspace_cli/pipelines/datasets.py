@@ -21,6 +21,9 @@ class EvalSet:
 
 def calibration_ids(config, model, tokenizer) -> torch.Tensor:
     """[calib_samples, calib_seqlen] token ids, sources mixed evenly in the order given."""
+    from subspace_cli.evaluate.perplexity import check_seqlen
+
+    check_seqlen(model, config.calib_seqlen, "--calib-seqlen")
     specs = list(config.calib)
     n_self = round(config.calib_samples * specs.count(data.SELF_SPEC) / len(specs))
     texts = [s for s in specs if s != data.SELF_SPEC]
@@ -37,7 +40,7 @@ def calibration_ids(config, model, tokenizer) -> torch.Tensor:
 
 
 def evaluation_sets(config, model, tokenizer, notes: list[str]) -> list[EvalSet]:
-    from subspace_cli.evaluate.perplexity import is_causal_lm
+    from subspace_cli.evaluate.perplexity import check_seqlen, is_causal_lm
 
     if not is_causal_lm(model):
         notes.append(f"perplexity skipped: {type(model).__name__} is not a causal language model")
@@ -45,6 +48,7 @@ def evaluation_sets(config, model, tokenizer, notes: list[str]) -> list[EvalSet]
     specs = config.eval if config.eval is not None else [s for s in config.calib if s != data.SELF_SPEC]
     if not specs:
         notes.append("perplexity skipped: no evaluation data (pass --eval)")
+    check_seqlen(model, config.eval_seqlen, "--eval-seqlen")
     return [
         EvalSet(spec, data.eval_windows(tokenizer, data.load_heldout(spec), config.eval_seqlen, config.eval_chars))
         for spec in specs

@@ -25,7 +25,7 @@ class EvalConfig(RunOptions):
     model: str = Field(description="model: local directory, cached hub id, or builtin:smollm2-135m / builtin:minilm-l6")
     data: str = Field(description="evaluation data: text file, directory of .txt, .jsonl with 'text', builtin:shakespeare or builtin:kjv")
     baseline: str | None = Field(None, description="reference model for ppl_ratio and per-token KL (or embedding similarity for encoders)")
-    eval_seqlen: int = Field(256, ge=2, description="tokens per perplexity window")
+    eval_seqlen: int = Field(512, ge=2, description="tokens per perplexity window")
     eval_chars: int = Field(40000, ge=100, description="characters of the split scored (from its start)")
     split: Literal["heldout", "all"] = Field("heldout", description="heldout: the last 5% of the data (never used for calibration); all: the whole text")
     fail_if: list[str] = Field(default_factory=list, description="quality gate 'FIELD OP VALUE', e.g. 'ppl_ratio>1.5'; repeatable; exit 1 if any holds")

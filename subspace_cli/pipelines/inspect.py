@@ -85,7 +85,7 @@ def _inspect_matrices(config: InspectConfig, model, grams: dict | None, spectra:
 
     from subspace_cli.io.discovery import block_linears, find_blocks, weight_matrix
     from subspace_cli.linalg.rank_allocation import MatrixSpec
-    from subspace_cli.linalg.spectra import normalised_spectrum
+    from subspace_cli.linalg.spectra import normalised_spectrum, singular_values
     from subspace_cli.linalg.whitening import cholesky_whitener
     from subspace_cli.pipelines.progress import progress_bar
 
@@ -98,7 +98,7 @@ def _inspect_matrices(config: InspectConfig, model, grams: dict | None, spectra:
                 weight = weight_matrix(module).detach().to(torch.float32)  # [out, in], one copy
                 out_f, in_f = weight.shape
                 spec = MatrixSpec(name, in_f, out_f)
-                s = torch.linalg.svdvals(weight)  # [min(out, in)], descending
+                s = singular_values(weight)  # [min(out, in)], descending
                 row = {
                     "name": name, "kind": name[len(prefix) + 1:], "block": i, "shape": [out_f, in_f],
                     "params": spec.dense_params, "max_rank": min(out_f, in_f), "break_even_rank": spec.break_even,
@@ -108,7 +108,7 @@ def _inspect_matrices(config: InspectConfig, model, grams: dict | None, spectra:
                 spectra.setdefault("plain", []).append((row["kind"], normalised_spectrum(s).cpu().numpy()))
                 if grams is not None and name in grams:
                     whitener = cholesky_whitener(grams[name].covariance)  # [in, in] float64
-                    sw = torch.linalg.svdvals(weight.to(torch.float64) @ whitener)
+                    sw = singular_values(weight.to(torch.float64) @ whitener)  # σ(W·L)
                     row.update(spectrum_summary(sw, prefix="whitened_"))
                     spectra.setdefault("whitened", []).append((row["kind"], normalised_spectrum(sw).cpu().numpy()))
                 rows.append(row)

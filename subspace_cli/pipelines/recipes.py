@@ -13,8 +13,14 @@ from subspace_cli.errors import UsageError
 def _verbs() -> dict[str, tuple[type, Any]]:
     from subspace_cli.pipelines.compress import run_compress
     from subspace_cli.pipelines.compress_config import CompressConfig
+    from subspace_cli.pipelines.evaluate import EvalConfig, run_eval
+    from subspace_cli.pipelines.inspect import InspectConfig, run_inspect
 
-    return {"compress": (CompressConfig, run_compress)}
+    return {
+        "compress": (CompressConfig, run_compress),
+        "eval": (EvalConfig, run_eval),
+        "inspect": (InspectConfig, run_inspect),
+    }
 
 
 def load_recipe(path: Path, overrides: list[str]) -> tuple[str, Any]:
