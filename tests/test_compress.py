@@ -168,3 +168,13 @@ def test_help_does_not_import_torch():
     code = "import sys; from subspace_cli.cli import app; print('torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.stdout.strip() == "False", res.stderr
+
+
+def test_every_config_field_is_a_cli_flag():
+    """Options are declared once in CompressConfig; the CLI must expose each of them."""
+    import inspect
+
+    from subspace_cli.cli.compress import compress
+
+    params = set(inspect.signature(compress).parameters) | {"options"}
+    assert set(CompressConfig.model_fields) <= params

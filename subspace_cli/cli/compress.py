@@ -13,12 +13,14 @@ from subspace_cli.pipelines.compress_config import CompressConfig as C
 
 def compress(
     model: str = field_argument(C, "model"),
-    out: str = field_option(C, "out", "--out", "-o"),
+    out: str = field_option(C, "out", "--out", "-o", default=...),
     method: str = field_option(C, "method"),
     option: Optional[List[str]] = typer.Option(None, "--option", "-O", help=C.model_fields["options"].description),
     ratio: float = field_option(C, "ratio"),
     allocation: str = field_option(C, "allocation"),
     normalise: str = field_option(C, "normalise"),
+    budget_scope: str = field_option(C, "budget_scope"),
+    min_rank_fraction: float = field_option(C, "min_rank_fraction"),
     sequential: bool = field_option(C, "sequential", "--sequential/--one-shot"),
     calib: List[str] = field_option(C, "calib"),
     calib_samples: int = field_option(C, "calib_samples"),
