@@ -28,11 +28,11 @@ EVALS = ["builtin:shakespeare", "builtin:kjv"]
 GRID = [(m, a, r) for m in ("svd-llm", "asvd", "svd") for a in ("global", "uniform") for r in (0.1, 0.2, 0.3, 0.4)]
 REMEDIES = [
     {"label": "shrinkage 0.1", "options": {"shrinkage": 0.1}},
-    {"label": "shrinkage 0.3", "options": {"shrinkage": 0.3}},
     {"label": "mixed shakespeare+kjv", "calib": ["builtin:shakespeare", "builtin:kjv"]},
     {"label": "self", "calib": ["self"]},
-    {"label": "shakespeare+self", "calib": ["builtin:shakespeare", "self"]},
 ]
+# svd is data-free: without calibration it needs no activation pass at all.
+DATA_FREE = {"svd": {"calib": []}}
 
 
 def run_one(spec: dict) -> dict:
@@ -121,12 +121,13 @@ def main() -> None:
             result["spec"]["label"] = label
         print(json.dumps(result))
         return
-    if args.grid:
+    if args.grid and not args.only:
         launch({"method": "dense"})
+    if args.grid:
         for method, allocation, ratio in GRID:
-            if args.only and method != args.only:
+            if args.only and method not in args.only.split(","):
                 continue
-            launch({"method": method, "allocation": allocation, "ratio": ratio})
+            launch({"method": method, "allocation": allocation, "ratio": ratio, **DATA_FREE.get(method, {})})
     if args.remedies:
         for remedy in REMEDIES:
             launch({"method": "svd-llm", "ratio": 0.2, **remedy})

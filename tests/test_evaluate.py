@@ -164,7 +164,7 @@ def test_eval_against_itself_passes(tiny_llama, text_file):
 
 def test_eval_failing_gate_exits_1_with_json(tiny_llama, text_file):
     result = _invoke("eval", tiny_llama, "--data", text_file, "--fail-if", "ppl<1", "--fail-if", "nll>1e9",
-                     "--fail-if", "ppl>1", "--split", "all", "--eval-chars", 2000, "--json")
+                     "--fail-if", "ppl>1", "--split", "all", "--eval-chars", 2000, "--eval-seqlen", 64, "--json")
     assert result.exit_code == 1, result.output
     out = json.loads(result.stdout)
     assert out["ok"] is False and out["exit_code"] == 1

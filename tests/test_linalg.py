@@ -112,13 +112,26 @@ def test_allocation_meets_budget(allocation, ratio):
         assert r is None or 1 <= r < s.break_even  # factored only where it saves parameters
 
 
-def test_global_allocation_is_no_worse_than_uniform():
+@pytest.mark.parametrize("normalise", ["absolute", "relative"])
+def test_global_allocation_is_no_worse_than_uniform(normalise):
+    """Global allocation minimises the summed (absolute or relative) truncation loss under the budget."""
     specs = _specs()
-    loss = {}
+
+    def loss(s, r):
+        lost = float(s.energy[r:].sum()) if r else 0.0
+        return lost / float(s.energy.sum()) if normalise == "relative" else lost
+
+    total = {}
     for allocation in ("uniform", "global"):
-        ranks = allocate(specs, 0.4, allocation)
-        loss[allocation] = sum(float(s.energy[ranks[s.name]:].sum()) if ranks[s.name] else 0.0 for s in specs)
-    assert loss["global"] <= loss["uniform"] * (1 + 1e-9)
+        ranks = allocate(specs, 0.4, allocation, normalise)
+        total[allocation] = sum(loss(s, ranks[s.name]) for s in specs)
+    assert total["global"] <= total["uniform"] * (1 + 1e-9)
+
+
+def test_rank_floor_is_respected():
+    specs = [MatrixSpec(s.name, s.in_features, s.out_features, energy=s.energy, min_rank=5) for s in _specs()]
+    ranks = allocate(specs, 0.6, "global")
+    assert all(r is None or r >= 5 for r in ranks.values())
 
 
 def test_global_allocation_keeps_cheap_matrices_dense():
