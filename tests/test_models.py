@@ -1,0 +1,58 @@
+"""Model references: local directories, cached hub ids, errors."""
+
+import shutil
+
+import pytest
+
+from subspace_cli.errors import UsageError
+from subspace_cli.io.models import load_model_and_tokenizer, resolve_model_path
+
+
+def _fake_hub_cache(root, repo_id, source):
+    """The Hugging Face cache layout: models--ORG--NAME/{refs/main, snapshots/REV/...}."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(source, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(snapshot.name)
+    return snapshot
+
+
+def test_hub_id_resolves_from_local_cache(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = _fake_hub_cache(tmp_path / "hub", "acme/tiny-llama", tiny_llama)
+    assert resolve_model_path("acme/tiny-llama").resolve() == snapshot.resolve()
+    loaded = load_model_and_tokenizer("acme/tiny-llama")
+    assert type(loaded.model).__name__ == "LlamaForCausalLM"
+
+
+def test_uncached_hub_id_says_pass_a_local_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(UsageError, match="pass the local directory path"):
+        resolve_model_path("acme/not-cached")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(UsageError, match="no config.json"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_pickle_only_refused_without_flag(tiny_llama, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_llama, pickled)
+    state = load_file(pickled / "model.safetensors")
+    (pickled / "model.safetensors").unlink()
+    torch.save(state, pickled / "pytorch_model.bin")
+    with pytest.raises(UsageError, match="--allow-pickle"):
+        load_model_and_tokenizer(str(pickled))
+    assert load_model_and_tokenizer(str(pickled), allow_pickle=True).model is not None
