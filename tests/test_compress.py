@@ -178,3 +178,17 @@ def test_every_config_field_is_a_cli_flag():
 
     params = set(inspect.signature(compress).parameters) | {"options"}
     assert set(CompressConfig.model_fields) <= params
+
+
+def test_self_calibration_mixes_and_is_seeded(tiny_llama, text_file, tmp_path):
+    from subspace_cli.io.models import load_model_and_tokenizer
+    from subspace_cli.pipelines.datasets import calibration_ids
+
+    loaded = load_model_and_tokenizer(str(tiny_llama))
+    config = CompressConfig(model=str(tiny_llama), out=str(tmp_path / "o"), calib=["self", str(text_file)],
+                            **{**TINY, "calib_samples": 6})
+    ids = calibration_ids(config, loaded.model, loaded.tokenizer)
+    assert ids.shape == (6, 32)
+    assert torch.equal(ids, calibration_ids(config, loaded.model, loaded.tokenizer))  # same seed, same text
+    other = calibration_ids(config.model_copy(update={"seed": 1}), loaded.model, loaded.tokenizer)
+    assert not torch.equal(ids[3:], other[3:])  # the generated half depends on the seed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import resource
 import sys
 import time
@@ -9,6 +10,8 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from subspace_cli.errors import RuntimeFailure, SubspaceError
+
+log = logging.getLogger(__name__)
 
 
 def peak_rss_mb() -> float:
@@ -49,7 +52,9 @@ class StageTimer:
                 raise RuntimeFailure(name, text.splitlines()[0]) from exc
             raise
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+            log.info("%s: %.1f s", name, elapsed)
 
     @property
     def total(self) -> float:
