@@ -54,7 +54,7 @@ class StageTimer:
         finally:
             elapsed = time.perf_counter() - start
             self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
-            log.info("%s: %.1f s", name, elapsed)
+            log.debug("%s: %.1f s", name, elapsed)
 
     @property
     def total(self) -> float:
