@@ -191,3 +191,17 @@ def test_self_calibration_mixes_and_is_seeded(tiny_llama, text_file, tmp_path):
     assert torch.equal(ids, calibration_ids(config, loaded.model, loaded.tokenizer))  # same seed, same text
     other = calibration_ids(config.model_copy(update={"seed": 1}), loaded.model, loaded.tokenizer)
     assert not torch.equal(ids[3:], other[3:])  # the generated half depends on the seed
+
+
+def test_shipped_recipe_validates_and_typos_exit_2(tmp_path):
+    """`subspace run --dry-run` checks recipes/ without loading weights; a misspelt field is named."""
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "compress-smollm2-svd-llm.yaml"
+    res = cli("run", recipe, "--dry-run", "--json")
+    assert res.returncode == 0, res.stderr
+    plan = json.loads(res.stdout)
+    assert plan["verb"] == "compress" and plan["config"]["method"] == "svd-llm" and plan["config"]["ratio"] == 0.2
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(recipe.read_text().replace("ratio:", "ration:"))
+    _assert_usage_error(cli("run", typo, "--dry-run"), "'ration'")

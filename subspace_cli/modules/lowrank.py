@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from subspace_cli.io.discovery import is_conv1d, set_submodule
+
 from .remote_modeling import FORMAT_VERSION, LowRankLinear, apply_factored_layout
 
 __all__ = ["FORMAT_VERSION", "LowRankLinear", "apply_factored_layout", "factored_layout", "densify_"]
@@ -52,7 +54,7 @@ def densify_(model: nn.Module) -> nn.Module:
         like = skeleton.get_submodule(path)
         w = lr.dense_weight().detach()  # [out, in]
         bias = lr.up.bias
-        if type(like).__name__ == "Conv1D":
+        if is_conv1d(like):
             with torch.device(w.device):
                 dense = type(like)(lr.out_features, lr.in_features).to(w.dtype)  # weight [in, out]
             with torch.no_grad():
@@ -68,6 +70,5 @@ def densify_(model: nn.Module) -> nn.Module:
                 dense.weight.copy_(w)
                 if bias is not None:
                     dense.bias.copy_(bias)
-        parent_name, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+        set_submodule(model, path, dense)
     return model

@@ -68,7 +68,8 @@ class LowRankLinear(nn.Module):
 
 
 def _is_conv1d(module):
-    # GPT-2 style Conv1D (transformers.pytorch_utils.Conv1D): weight stored as [in, out].
+    # This file must stay self-contained (it is shipped in checkpoints), so it keeps its own copy
+    # of subspace_cli.io.discovery.is_conv1d. GPT-2 style Conv1D (transformers.pytorch_utils.Conv1D): weight stored as [in, out].
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
 
 
