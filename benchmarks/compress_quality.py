@@ -9,6 +9,7 @@ appended to a JSON-lines file and rendered as a Markdown table:
 
     python benchmarks/compress_quality.py --grid            # the methods × allocation × ratio grid
     python benchmarks/compress_quality.py --remedies        # cross-domain remedies at 20%
+    python benchmarks/compress_quality.py --cospadi         # cospadi vs svd-llm, Shakespeare calibration
     python benchmarks/compress_quality.py --table           # print the Markdown tables
 """
 
@@ -33,6 +34,16 @@ REMEDIES = [
     {"label": "shrinkage 0.1", "options": {"shrinkage": 0.1}},
     {"label": "mixed shakespeare+kjv", "calib": ["builtin:shakespeare", "builtin:kjv"]},
     {"label": "self", "calib": ["self"]},
+]
+# cospadi against svd-llm: same protocol, same ratio, same (byte) accounting, side by side.
+SHAKESPEARE_ONLY = {"calib": ["builtin:shakespeare"]}
+COSPADI = [{"method": m, "ratio": r, "label": f"{m} {r:.0%}", **SHAKESPEARE_ONLY, **o}
+           for r in (0.2, 0.3)
+           for m, o in (("svd-llm", {}), ("cospadi", {}))]
+COSPADI_VARIANTS = [
+    {"method": "cospadi", "ratio": 0.2, "label": "cospadi 20% recode_every=4", "options": {"recode_every": 4}, **SHAKESPEARE_ONLY},
+    {"method": "cospadi", "ratio": 0.2, "label": "cospadi 20% 2:4", "structure": "2:4", **SHAKESPEARE_ONLY},
+    {"method": "cospadi", "ratio": 0.2, "label": "cospadi 20% group_size=2", "options": {"group_size": 2}, **SHAKESPEARE_ONLY},
 ]
 # svd is data-free: without calibration it needs no activation pass at all.
 DATA_FREE = {"svd": {"calib": []}}
@@ -59,6 +70,10 @@ def run_one(spec: dict) -> dict:
             result["peak_rss_mb"] = peak_rss_mb()
             result["ratio_removed"] = report.params.targeted_ratio_removed
             result["stages_s"] = report.timings_s
+            compared = [m for m in report.matrices if m.reference_rel_error is not None]
+            if compared:
+                result["matrices_at_or_below_svd_llm"] = [
+                    sum(m.whitened_rel_error <= m.reference_rel_error for m in compared), len(compared)]
             model = load_model_and_tokenizer(f"{tmp}/out").model
         else:
             model = load_model_and_tokenizer(MODEL).model
@@ -96,11 +111,23 @@ def table() -> str:
             continue
         out.append(f"| {s['method']} | {s.get('allocation', 'global')} | {s['ratio']:.0%} | {r['ratio_removed']:.1%} | "
                    f"{_ppl(r['builtin:shakespeare'])} | {_ppl(r['builtin:kjv'])} | {r['compress_s']:.0f} | {r['peak_rss_mb']:.0f} |")
-    remedies = [r for r in rows if "label" in r["spec"]]
+    remedies = [r for r in rows if "label" in r["spec"] and r["spec"]["label"] in {x["label"] for x in REMEDIES}]
     if remedies:
         out += ["", "| calibration remedy (svd-llm, 20%) | ppl Shakespeare | ppl KJV | compress s |", "|---|---:|---:|---:|"]
         for r in remedies:
             out.append(f"| {r['spec']['label']} | {_ppl(r['builtin:shakespeare'])} | {_ppl(r['builtin:kjv'])} | {r['compress_s']:.0f} |")
+    dictionary = [r for r in rows if "label" in r["spec"] and r["spec"]["label"] not in {x["label"] for x in REMEDIES}]
+    if dictionary:
+        out += ["", "| method (calibration: Shakespeare) | removed | ppl Shakespeare | ppl KJV | matrices ≤ svd-llm error "
+                "| compress s | of which OMP / K-SVD s | peak RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in dictionary:
+            wins = r.get("matrices_at_or_below_svd_llm")
+            stages = r["stages_s"]
+            fit = (f"{stages['compress.coding']:.0f} / {stages['compress.update']:.0f}"
+                   if "compress.coding" in stages else "–")
+            out.append(f"| {r['spec']['label']} | {r['ratio_removed']:.1%} | {_ppl(r['builtin:shakespeare'])} | "
+                       f"{_ppl(r['builtin:kjv'])} | {f'{wins[0]} / {wins[1]}' if wins else '–'} | "
+                       f"{r['compress_s']:.0f} | {fit} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(out)
 
 
@@ -113,6 +140,8 @@ def main() -> None:
     parser.add_argument("--one", help="(internal) run one JSON spec and print its result")
     parser.add_argument("--grid", action="store_true")
     parser.add_argument("--remedies", action="store_true")
+    parser.add_argument("--cospadi", action="store_true")
+    parser.add_argument("--cospadi-variants", action="store_true")
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--only", default=None, help="restrict the grid to one method")
     args = parser.parse_args()
@@ -134,6 +163,12 @@ def main() -> None:
     if args.remedies:
         for remedy in REMEDIES:
             launch({"method": "svd-llm", "ratio": 0.2, **remedy})
+    if args.cospadi:
+        for spec in COSPADI:
+            launch(spec)
+    if args.cospadi_variants:
+        for spec in COSPADI_VARIANTS:
+            launch(spec)
     if args.table:
         print(table())
 

@@ -159,7 +159,7 @@ def test_error_corrupted_safetensors(tiny_llama, text_file, tmp_path):
 
 
 def test_error_unknown_method_and_option(tiny_llama, text_file, tmp_path):
-    _assert_usage_error(cli("compress", tiny_llama, "--out", tmp_path / "o", "--method", "nope"), "valid: asvd, svd, svd-llm")
+    _assert_usage_error(cli("compress", tiny_llama, "--out", tmp_path / "o", "--method", "nope"), "valid: asvd, cospadi, svd, svd-llm")
     _assert_usage_error(cli("compress", tiny_llama, "--out", tmp_path / "o", "--method", "asvd", "-O", "beta=1"), "beta")
 
 

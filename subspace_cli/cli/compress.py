@@ -1,4 +1,4 @@
-"""`subspace compress MODEL`: low-rank factorisation of the Linear layers of a checkpoint."""
+"""`subspace compress MODEL`: low-rank or sparse-dictionary factorisation of the Linear layers of a checkpoint."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def compress(
     skip_eval: bool = field_option(C, "skip_eval"),
     targets: Optional[str] = field_option(C, "targets"),
     exclude: Optional[str] = field_option(C, "exclude"),
+    structure: Optional[str] = field_option(C, "structure"),
     format: str = field_option(C, "format"),
     shard_size: str = field_option(C, "shard_size"),
     batch_size: int = field_option(C, "batch_size"),
@@ -42,7 +43,7 @@ def compress(
     json_out: bool = typer.Option(False, "--json", help="print one JSON summary on stdout"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or info logs"),
 ) -> None:
-    """Factor the Linear layers of MODEL's repeated blocks into low-rank pairs and write a checkpoint."""
+    """Factor the Linear layers of MODEL's repeated blocks (low-rank pairs or sparse dictionaries) and write a checkpoint."""
     values = {k: v for k, v in locals().items() if k in C.model_fields}
     values["options"] = {}
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from subspace_cli.errors import UsageError
 from subspace_cli.modules import remote_modeling
-from subspace_cli.modules.lowrank import FORMAT_VERSION, factored_layout
+from subspace_cli.modules.lowrank import factored_layout, layout_format_version
 
 MODELING_FILE = "modeling_subspace.py"
 
@@ -150,7 +150,7 @@ def _check_layout(model: nn.Module, layout: dict | None) -> dict:
         extra = sorted(set(layout) - set(found))
         raise ValueError(
             "layout does not describe the model's factored modules "
-            f"(LowRankLinear not in layout: {missing[:5]}, layout entries not factored: {extra[:5]}, "
+            f"(factored modules not in layout: {missing[:5]}, layout entries not factored: {extra[:5]}, "
             "or ranks/shapes differ); pass layout=None to derive it from the model")
     return found
 
@@ -187,7 +187,7 @@ def write_checkpoint(model: nn.Module, out_dir: Path, *, source_dir: Path | None
     config["architectures"] = [base]
     if layout:
         config["subspace"] = {
-            "format_version": FORMAT_VERSION,
+            "format_version": layout_format_version(layout),
             "kind": "factored",
             "base_architecture": base,
             "modules": dict(sorted(layout.items())),

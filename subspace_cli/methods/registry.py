@@ -28,6 +28,9 @@ class Method:
     paper: str
     summary: str
     needs: tuple[str, ...] = field(default_factory=tuple)  # e.g. ("calibration",)
+    # Sparse-dictionary methods: fit(spectral, size, config, generator) -> DictionaryFactors.
+    # `build` then gives the whitening transform only. None: a low-rank method.
+    fit: Callable[..., Any] | None = None
 
     def make_config(self, options: dict[str, Any] | None) -> MethodConfig:
         try:
@@ -54,7 +57,7 @@ def register(method: Method) -> Method:
 
 def _load_builtin_methods() -> None:
     # Importing the modules runs their register() lines.
-    from subspace_cli.methods import asvd, svd, svd_llm  # noqa: F401
+    from subspace_cli.methods import asvd, cospadi, svd, svd_llm  # noqa: F401
 
 
 def methods_for(verb: str) -> dict[str, Method]:

@@ -152,4 +152,8 @@ def load_model(path, device="cpu", dtype=None, allow_pickle: bool = False) -> nn
         raise UsageError(f"weights in '{path}' do not match the shapes its config.json declares "
                          "(see the load report above)") from err
     _check_loading_info(path, info)
+    if torch.device(device).type == "cuda":
+        from subspace_cli.kernels.packed_product import enable_dictionary_kernel
+
+        enable_dictionary_kernel()  # DictionaryLinear's packed product in Triton (no-op without triton)
     return model.eval()

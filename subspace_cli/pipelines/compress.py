@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from subspace_cli.modules.lowrank import LowRankLinear, densify_
 from subspace_cli.pipelines.calibration import BlockStream, collect_dense_grams, record_inputs
 from subspace_cli.pipelines.compress_config import CompressConfig
 from subspace_cli.pipelines.datasets import EvalSet, calibration_ids, evaluation_sets
+from subspace_cli.pipelines.dictionary_layers import Member, compress_group, dictionary_budget, projection_type
 from subspace_cli.pipelines.progress import progress_bar
 from subspace_cli.report.render import write_outputs
 from subspace_cli.report.resources import StageTimer, peak_device_mb, peak_rss_mb
@@ -50,12 +52,19 @@ class CompressState:
     method: Method
     method_config: MethodConfig
     matrices: list[MatrixReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    fit_seconds: dict[str, float] = field(default_factory=dict)  # dictionary methods: coding / update
 
 
 def validate(config: CompressConfig) -> tuple[Method, MethodConfig]:
     """Everything checkable before loading weights, so bad input fails fast with exit 2."""
     method = get_method("compress", config.method)
-    method_config = method.make_config(config.options)
+    options = dict(config.options)
+    if config.structure is not None:
+        if "structure" not in method.config_class.model_fields:
+            raise UsageError(f"--structure applies to sparse-dictionary methods (cospadi), not '{method.name}'")
+        options["structure"] = config.structure
+    method_config = method.make_config(options)
     compile_pattern(config.targets, "--targets")
     compile_pattern(config.exclude, "--exclude")
     check_output_dir(Path(config.out), config.overwrite)
@@ -119,6 +128,8 @@ def plan_ranks(model: nn.Module, config: CompressConfig, state: CompressState, i
 def compress_model(model: nn.Module, config: CompressConfig, state: CompressState, ranks: dict[str, int | None],
                    input_ids: torch.Tensor | None) -> None:
     """Replace targeted layers block by block, streaming calibration activations."""
+    if state.method.fit is not None:
+        return compress_dictionary_model(model, config, state, ranks, input_ids)
     blocks = find_blocks(model)
     stream = BlockStream(model, input_ids, batch_size=config.batch_size, device=config.device) if input_ids is not None else None
     with progress_bar("compressing blocks", total=len(blocks)) as advance:
@@ -139,6 +150,53 @@ def compress_model(model: nn.Module, config: CompressConfig, state: CompressStat
             advance()
 
 
+@torch.no_grad()
+def compress_dictionary_model(model: nn.Module, config: CompressConfig, state: CompressState,
+                              ranks: dict[str, int | None], input_ids: torch.Tensor) -> None:
+    """Sparse-dictionary methods: blocks are taken `group_size` at a time (1: per layer).
+
+    Statistics of a group's blocks are recorded with the group still dense (each block fed the
+    dense output of the one before); with `sequential`, the group is then re-run compressed so
+    the next group sees compressed activations.
+    """
+    blocks = find_blocks(model)
+    group_size = state.method_config.group_size
+    stream = BlockStream(model, input_ids, batch_size=config.batch_size, device=config.device)
+    # K-SVD's per-atom steps are mat-vecs that one core already saturates: fit groups in parallel.
+    workers = max(1, torch.get_num_threads())
+    with progress_bar("compressing blocks", total=len(blocks)) as advance, ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(blocks), group_size):
+            indices = range(start, min(start + group_size, len(blocks)))
+            entry = stream.hidden
+            groups: dict[str, list[Member]] = {}
+            order: list[str] = []
+            for i in indices:
+                layers = block_linears(blocks.modules[i], blocks.block_path(i), config.targets, config.exclude)
+                with record_inputs(layers, config.device) as stats:
+                    stream.advance(stream.run_block(i))
+                for name, module in layers.items():
+                    out_f, in_f = weight_matrix(module).shape
+                    budget = dictionary_budget(MatrixSpec(name, in_f, out_f), ranks[name], config.ratio, config.allocation)
+                    groups.setdefault(projection_type(name), []).append(Member(name, module, stats[name], budget))
+                    order.append(name)
+            results = list(pool.map(lambda members: compress_group(members, state, config.seed), groups.values()))
+            rows = {}
+            for result in results:
+                for name, new in result.modules.items():
+                    set_submodule(model, name, new)
+                rows.update({row.name: row for row in result.rows})
+                state.notes.extend(result.notes)
+                for stage, seconds in result.seconds.items():
+                    state.fit_seconds[stage] = state.fit_seconds.get(stage, 0.0) + seconds
+            state.matrices.extend(rows[name] for name in order)  # block order, as for low-rank methods
+            if config.sequential:
+                stream.hidden = entry
+                for i in indices:
+                    stream.advance(stream.run_block(i))
+            for _ in indices:
+                advance()
+
+
 def _perplexities(model, sets: list[EvalSet], config: CompressConfig) -> dict[str, dict]:
     from subspace_cli.evaluate.perplexity import perplexity
 
@@ -155,7 +213,7 @@ def compress_and_write(config: CompressConfig) -> tuple[Report, nn.Module]:
     torch.manual_seed(config.seed)
     timer = StageTimer()
     state = CompressState(config=config, method=method, method_config=method_config)
-    notes: list[str] = []
+    notes = state.notes
 
     with timer.stage("load"):
         loaded = load_model_and_tokenizer(config.model, device=config.device, dtype=config.dtype,
@@ -193,7 +251,8 @@ def compress_and_write(config: CompressConfig) -> tuple[Report, nn.Module]:
 def _build_report(config, state, model, params_before, before, after, timer, notes) -> Report:
     targeted_before = sum(m.params_before for m in state.matrices)
     targeted_after = sum(m.params_after for m in state.matrices)
-    params_after = param_count(model)
+    # Counted from the stored sizes: a DictionaryLinear's positions are buffers, not parameters.
+    params_after = params_before - targeted_before + targeted_after
     perplexity = {
         name: PerplexityReport(before=before[name]["ppl"], after=after[name]["ppl"],
                                ratio=after[name]["ppl"] / before[name]["ppl"], n_tokens=after[name]["n_tokens"])
@@ -207,6 +266,7 @@ def _build_report(config, state, model, params_before, before, after, timer, not
             targeted_ratio_removed=1 - targeted_after / max(targeted_before, 1),
             model_before=params_before, model_after=params_after,
             model_ratio_removed=1 - params_after / max(params_before, 1)),
-        perplexity=perplexity, timings_s=dict(timer.seconds), peak_rss_mb=peak_rss_mb(),
+        perplexity=perplexity,
+        timings_s={**timer.seconds, **{f"compress.{stage}": s for stage, s in state.fit_seconds.items()}}, peak_rss_mb=peak_rss_mb(),
         peak_device_mb=peak_device_mb(), output={"path": str(config.out), "format": config.format}, notes=notes,
     )

@@ -49,7 +49,10 @@ class CompressConfig(RunOptions):
     skip_eval: bool = Field(False, description="skip the before/after perplexity evaluation")
     targets: str | None = Field(None, description="regex: only layers whose dotted path matches")
     exclude: str | None = Field(None, description="regex: skip layers whose dotted path matches")
-    format: Literal["factored", "dense"] = Field("factored", description="factored (LowRankLinear) or plain dense checkpoint")
+    structure: Literal["2:4"] | None = Field(
+        None, description="sparse-dictionary methods: at most 2 nonzeros in every 4 consecutive atoms (same as -O structure=2:4)")
+    format: Literal["factored", "dense"] = Field(
+        "factored", description="factored (LowRankLinear / DictionaryLinear modules) or plain dense checkpoint")
     shard_size: str = Field("2GB", description="maximum safetensors shard size")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")
     overwrite: bool = Field(False, description="replace a non-empty output directory")

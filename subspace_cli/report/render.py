@@ -38,15 +38,33 @@ def to_markdown(report: Report) -> str:
     if report.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
     if report.matrices:
-        lines += ["## Matrices", "", "| matrix | shape | rank | params before | after | whitened rel. error | energy kept |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
-        for m in report.matrices:
-            rank = "dense" if m.rank is None else m.rank
-            lines.append(f"| {m.name} | {m.shape[0]}×{m.shape[1]} | {rank} | {m.params_before:,} | {m.params_after:,} "
-                         f"| {m.whitened_rel_error:.4f} | {m.energy_kept:.4f} |")
-        lines.append("")
+        lines += _matrix_table(report)
     lines += ["## Options", "", "```yaml", yaml.safe_dump(report.options, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _shape_cell(m) -> str:
+    if m.kind == "dictionary":
+        return f"k={m.atoms}, s={m.nonzeros}" + (" (shared)" if m.dictionary_of else "")
+    return "dense" if m.rank is None else str(m.rank)
+
+
+def _matrix_table(report: Report) -> list[str]:
+    with_reference = any(m.reference_rel_error is not None for m in report.matrices)
+    head = "| matrix | shape | rank / size | params before | after | whitened rel. error |"
+    rule = "|---|---|---:|---:|---:|---:|"
+    if with_reference:
+        head, rule = head + " svd-llm at equal storage |", rule + "---:|"
+    lines = ["## Matrices", "", head + " energy kept |", rule + "---:|"]
+    for m in report.matrices:
+        reference = f" {_fmt(m.reference_rel_error)} |" if with_reference else ""
+        lines.append(f"| {m.name} | {m.shape[0]}×{m.shape[1]} | {_shape_cell(m)} | {m.params_before:,} | "
+                     f"{m.params_after:,} | {m.whitened_rel_error:.4f} |{reference} {m.energy_kept:.4f} |")
+    if with_reference:
+        compared = [m for m in report.matrices if m.reference_rel_error is not None]
+        wins = sum(m.whitened_rel_error <= m.reference_rel_error for m in compared)
+        lines += ["", f"Whitened error at or below svd-llm's at equal storage on {wins} of {len(compared)} matrices."]
+    return lines + [""]
 
 
 def write_outputs(directory: Path, report: Report, recipe: dict) -> None:

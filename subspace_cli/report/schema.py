@@ -3,7 +3,7 @@ incompatible change."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -13,10 +13,17 @@ SCHEMA_VERSION = 1
 class MatrixReport(BaseModel):
     name: str
     shape: tuple[int, int]  # [out, in]
-    rank: int | None  # None: kept dense
+    kind: Literal["dense", "lowrank", "dictionary"] = "lowrank"
+    rank: int | None  # low-rank rank; None otherwise
+    atoms: int | None = Field(None, description="dictionary: atoms k (shared with dictionary_of when set)")
+    nonzeros: int | None = Field(None, description="dictionary: nonzeros s per output")
+    dictionary_of: str | None = Field(None, description="dictionary: the matrix whose dictionary this one shares")
     params_before: int
-    params_after: int
+    params_after: int = Field(description="stored size in parameters; for dictionaries in 16-bit units, positions "
+                              "included, a shared dictionary split evenly (docs/format.md)")
     whitened_rel_error: float = Field(description="‖(W−W′)X‖/‖WX‖ over calibration inputs (plain Frobenius without calibration)")
+    reference_rel_error: float | None = Field(
+        None, description="dictionary: svd-llm's whitened rel. error at the rank storing the same number of parameters")
     energy_kept: float = Field(description="fraction of Σσ² kept in the method's own (whitened/scaled) space")
 
 
