@@ -19,7 +19,7 @@ def methods(
         from subspace_cli.methods.registry import methods_for
 
         catalogue = []
-        for verb in ("compress",):
+        for verb in ("compress", "adapt"):
             for m in methods_for(verb).values():
                 if name and m.name != name:
                     continue
@@ -27,8 +27,11 @@ def methods(
                     k: {"default": f.default, "description": f.description}
                     for k, f in m.config_class.model_fields.items()
                 }
-                catalogue.append({"verb": verb, "name": m.name, "summary": m.summary, "paper": m.paper,
-                                  "needs": list(m.needs), "options": options})
+                entry = {"verb": verb, "name": m.name, "summary": m.summary, "paper": m.paper,
+                         "needs": list(m.needs), "options": options}
+                if m.default_lr is not None:
+                    entry["default_lr"] = m.default_lr
+                catalogue.append(entry)
         if name and not catalogue:
             from subspace_cli.errors import UsageError
 

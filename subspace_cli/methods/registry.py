@@ -31,6 +31,8 @@ class Method:
     # Sparse-dictionary methods: fit(spectral, size, config, generator) -> DictionaryFactors.
     # `build` then gives the whitening transform only. None: a low-rank method.
     fit: Callable[..., Any] | None = None
+    # Adapt methods: learning rate used when --lr is not given (singular-value methods need larger steps).
+    default_lr: float | None = None
 
     def make_config(self, options: dict[str, Any] | None) -> MethodConfig:
         try:
@@ -58,6 +60,7 @@ def register(method: Method) -> Method:
 def _load_builtin_methods() -> None:
     # Importing the modules runs their register() lines.
     from subspace_cli.methods import asvd, cospadi, svd, svd_llm  # noqa: F401
+    from subspace_cli.methods.adapt import dora, flora, lora_family, singular  # noqa: F401
 
 
 def methods_for(verb: str) -> dict[str, Method]:

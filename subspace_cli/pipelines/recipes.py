@@ -11,6 +11,8 @@ from subspace_cli.errors import UsageError
 
 
 def _verbs() -> dict[str, tuple[type, Any]]:
+    from subspace_cli.pipelines.adapt import run_adapt
+    from subspace_cli.pipelines.adapt_config import AdaptConfig
     from subspace_cli.pipelines.compress import run_compress
     from subspace_cli.pipelines.compress_config import CompressConfig
     from subspace_cli.pipelines.evaluate import EvalConfig, run_eval
@@ -18,6 +20,7 @@ def _verbs() -> dict[str, tuple[type, Any]]:
 
     return {
         "compress": (CompressConfig, run_compress),
+        "adapt": (AdaptConfig, run_adapt),
         "eval": (EvalConfig, run_eval),
         "inspect": (InspectConfig, run_inspect),
     }

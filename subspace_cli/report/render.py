@@ -31,6 +31,8 @@ def to_markdown(report: Report) -> str:
         for name, ppl in report.perplexity.items():
             lines.append(f"| {name} | {_fmt(ppl.before)} | {_fmt(ppl.after)} | {_fmt(ppl.ratio)} | {ppl.n_tokens} |")
         lines.append("")
+    if report.training:
+        lines += _training_section(report)
     lines += ["## Time and memory", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report.timings_s.items()]
     lines += ["", f"Peak RSS: {report.peak_rss_mb:.0f} MiB" + (
@@ -41,6 +43,24 @@ def to_markdown(report: Report) -> str:
         lines += _matrix_table(report)
     lines += ["## Options", "", "```yaml", yaml.safe_dump(report.options, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _training_section(report: Report) -> list[str]:
+    t = report.training
+    lines = ["## Training", "",
+             f"{t.steps} steps, {t.tokens:,} tokens, peak lr {t.lr:g}, {t.seconds:.1f} s; data {t.data_format}, "
+             f"{t.train_rows} training / {t.eval_rows} held-out rows"
+             + (f"; resumed from step {t.resumed_from}" if t.resumed_from else ""), "",
+             f"Trainable parameters: {t.trainable_params:,} of {t.total_params:,} "
+             f"({t.trainable_params / max(t.total_params, 1):.3%}).", ""]
+    if t.evals:
+        lines += ["| step | held-out loss | perplexity |", "|---:|---:|---:|"]
+        lines += [f"| {int(e['step'])} | {e['loss']:.4f} | {e['ppl']:.2f} |" for e in t.evals] + [""]
+    if report.adapters:
+        ranks = sorted({a.export_rank for a in report.adapters})
+        lines += [f"{len(report.adapters)} adapted layers, exported as LoRA of rank {', '.join(map(str, ranks))}; "
+                  f"the curve is in training_curve.png.", ""]
+    return lines
 
 
 def _shape_cell(m) -> str:
@@ -85,6 +105,10 @@ def print_report(report: Report) -> None:
         p = report.params
         console.print(f"targeted params {p.targeted_before:,} -> {p.targeted_after:,} ({p.targeted_ratio_removed:.1%} removed); "
                       f"whole model {p.model_before:,} -> {p.model_after:,} ({p.model_ratio_removed:.1%} removed)")
+    if report.training:
+        t = report.training
+        console.print(f"trained {t.steps} steps ({t.tokens:,} tokens) of {t.trainable_params:,} parameters "
+                      f"({t.trainable_params / max(t.total_params, 1):.3%} of the model)")
     if report.perplexity:
         table = Table(title="held-out perplexity")
         for col in ("data", "before", "after", "ratio", "tokens"):

@@ -43,6 +43,28 @@ class PerplexityReport(BaseModel):
     n_tokens: int = 0
 
 
+class AdapterLayerReport(BaseModel):
+    name: str
+    shape: tuple[int, ...]  # the base weight's shape, [out, in] or [out, in, *kernel]
+    trainable: int = Field(description="trainable parameters of this layer's adapter")
+    export_rank: int = Field(description="rank of the exact LoRA written for this layer (2r for methods that move W)")
+
+
+class TrainingReport(BaseModel):
+    trainable_params: int
+    total_params: int = Field(description="parameters of the base model")
+    steps: int
+    tokens: int = Field(description="training tokens seen (padding excluded)")
+    lr: float
+    seconds: float
+    data_format: str
+    train_rows: int
+    eval_rows: int
+    resumed_from: int | None = None
+    curve: list[dict[str, float]] = Field(default_factory=list, description="per step: step, loss, lr, grad_norm")
+    evals: list[dict[str, float]] = Field(default_factory=list, description="held-out step, loss, ppl")
+
+
 class Report(BaseModel):
     schema_version: int = SCHEMA_VERSION
     tool_version: str
@@ -58,9 +80,11 @@ class Report(BaseModel):
     peak_device_mb: float | None = None
     output: dict[str, Any] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
+    training: TrainingReport | None = None  # adapt
+    adapters: list[AdapterLayerReport] = Field(default_factory=list)  # adapt
 
     def summary(self) -> dict[str, Any]:
         """The one-object `--json` summary: everything but the per-matrix table."""
-        data = self.model_dump(mode="json", exclude={"matrices"})
+        data = self.model_dump(mode="json", exclude={"matrices": True, "adapters": True, "training": {"curve"}})
         data["ok"] = True
         return data

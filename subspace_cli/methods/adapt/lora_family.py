@@ -1,0 +1,138 @@
+"""LoRA and its SVD-initialised relatives, trained as PEFT LoRA layers.
+
+- `lora`: B·A with A Kaiming-uniform, B = 0 (Hu et al. 2021, arXiv 2106.09685).
+- `pissa`: A, B from the top-r singular triplets, W_res = W − s·B₀A₀ (Meng et al. 2024, arXiv 2404.02948).
+- `milora`: as PiSSA from the *smallest* r triplets (Wang et al. 2024, arXiv 2406.09044).
+- `olora`: A, B from a QR of W (Büyükakyüz 2024, arXiv 2406.01775).
+- `corda`: A, B from the SVD of W·C, C the activation covariance (Yang et al. 2024, arXiv 2406.05223).
+- `dora-peft`: PEFT's DoRA, for comparison with the factored-norm `dora` (Liu et al. 2024, arXiv 2402.09353).
+
+Methods that move the base weight (pissa, milora, olora, corda) export exactly on the untouched
+base as a rank-2r LoRA:  W_res + s·B·A = W + s·(B·A − B₀·A₀)  =>  B′ = s·[B, −B₀], A′ = [A; A₀].
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from subspace_cli.errors import UsageError
+from subspace_cli.methods.adapt.base import AdaptContext, AdaptedModel, LoraDelta
+from subspace_cli.methods.registry import Method, MethodConfig, register
+
+DEFAULT_LR = 2e-4  # LoRA's usual step size; every method here trains an A·B pair of the same scale
+
+
+class LoraConfig(MethodConfig):
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input (PEFT lora_dropout)")
+
+
+class PissaConfig(LoraConfig):
+    niter: int | None = Field(
+        None, ge=1, description="randomised-SVD power iterations for a fast init; none: exact SVD")
+
+
+class CordaConfig(LoraConfig):
+    mode: Literal["ipm", "kpm"] = Field(
+        "ipm", description="ipm: adapt the components that matter most to the data; kpm: keep them, adapt the rest")
+    samples: int = Field(16, ge=1, description="training sequences run to collect activation covariances")
+
+
+def _lora_layers(peft_model, paths) -> dict[str, nn.Module]:
+    root = peft_model.base_model.model
+    return {path: root.get_submodule(path) for path in paths}
+
+
+def _pair(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [r, in], s·B [out, r]) in float32 (detached copies)."""
+    scaling = layer.scaling["default"]
+    return (layer.lora_A["default"].weight.detach().float().clone(),
+            layer.lora_B["default"].weight.detach().float() * scaling)
+
+
+@torch.no_grad()
+def _milora_init(layer, rank: int) -> None:
+    """MiLoRA: the r smallest singular triplets become the adapter, W_res keeps the rest."""
+    weight = layer.get_base_layer().weight
+    u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)  # [out, m], [m], [m, in]
+    scaling = layer.scaling["default"]
+    root = (s[-rank:] / scaling).sqrt()
+    layer.lora_A["default"].weight.copy_(root[:, None] * vh[-rank:])  # [r, in]
+    layer.lora_B["default"].weight.copy_(u[:, -rank:] * root)  # [out, r]
+    weight.sub_((scaling * layer.lora_B["default"].weight @ layer.lora_A["default"].weight).to(weight.dtype))
+
+
+def _peft_build(init: str, moves_base: bool, use_dora: bool = False):
+    def build(model: nn.Module, layers: dict[str, nn.Module], rank: int, alpha: float, config: LoraConfig,
+              context: AdaptContext) -> AdaptedModel:
+        import peft
+
+        fan_in_fan_out = any(type(m).__name__ == "Conv1D" for m in layers.values())
+        init_weights: bool | str = {"lora": True, "milora": True}.get(init, init)
+        if init == "pissa" and config.niter:
+            init_weights = f"pissa_niter_{config.niter}"  # PEFT's spelling of the option
+        extra = {}
+        if init == "corda":
+            extra["corda_config"] = peft.tuners.lora.config.CordaConfig(corda_method=config.mode)
+        lora_config = peft.LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=list(layers), lora_dropout=config.dropout,
+            init_lora_weights=init_weights, use_dora=use_dora, fan_in_fan_out=fan_in_fan_out, **extra)
+        if init == "corda":
+            if context.run_calibration is None:
+                raise UsageError("corda needs training data to collect activation covariances")
+            from peft.tuners.lora.corda import preprocess_corda
+
+            preprocess_corda(model, lora_config, run_model=lambda: context.run_calibration(model))
+        torch.manual_seed(context.generator.initial_seed())  # PEFT draws A's init from the global RNG
+        peft_model = peft.get_peft_model(model, lora_config)
+        lora_layers = _lora_layers(peft_model, layers)
+        if init == "milora":
+            for layer in lora_layers.values():
+                _milora_init(layer, rank)
+        initial = {path: _pair(layer) for path, layer in lora_layers.items()} if moves_base else {}
+
+        def deltas() -> dict[str, LoraDelta]:
+            out = {}
+            for path, layer in lora_layers.items():
+                A, B = _pair(layer)
+                if path in initial:
+                    A0, B0 = initial[path]
+                    A, B = torch.cat([A, A0]), torch.cat([B, -B0], dim=1)
+                magnitude = None
+                if use_dora:
+                    magnitude = layer.lora_magnitude_vector["default"].weight.detach().float().clone()
+                out[path] = LoraDelta(A, B, magnitude)
+            return out
+
+        notes = [f"{init}: the base weights move during training; the adapter is saved as an exact rank-{2 * rank} "
+                 "LoRA on the untouched base"] if moves_base else []
+        return AdaptedModel(peft_model, deltas, use_dora=use_dora, notes=notes)
+
+    return build
+
+
+_NEEDS = ("training data",)
+register(Method(name="lora", verb="adapt", config_class=LoraConfig, build=_peft_build("lora", False),
+                paper="Hu et al. 2021, arXiv 2106.09685", summary="low-rank update B·A (PEFT LoRA), B = 0 at start",
+                needs=_NEEDS, default_lr=DEFAULT_LR))
+register(Method(name="pissa", verb="adapt", config_class=PissaConfig, build=_peft_build("pissa", True),
+                paper="Meng et al. 2024, arXiv 2404.02948",
+                summary="adapter initialised from the top-r singular triplets, the residual frozen (PEFT)",
+                needs=_NEEDS, default_lr=DEFAULT_LR))
+register(Method(name="milora", verb="adapt", config_class=LoraConfig, build=_peft_build("milora", True),
+                paper="Wang et al. 2024, arXiv 2406.09044",
+                summary="adapter initialised from the smallest r singular triplets (minor components)",
+                needs=_NEEDS, default_lr=DEFAULT_LR))
+register(Method(name="olora", verb="adapt", config_class=LoraConfig, build=_peft_build("olora", True),
+                paper="Büyükakyüz 2024, arXiv 2406.01775", summary="adapter initialised from a QR of W (PEFT OLoRA)",
+                needs=_NEEDS, default_lr=DEFAULT_LR))
+register(Method(name="corda", verb="adapt", config_class=CordaConfig, build=_peft_build("corda", True),
+                paper="Yang et al. 2024, arXiv 2406.05223",
+                summary="adapter from the SVD of W·C, C the training data's activation covariance (PEFT CorDA)",
+                needs=_NEEDS, default_lr=DEFAULT_LR))
+register(Method(name="dora-peft", verb="adapt", config_class=LoraConfig, build=_peft_build("lora", False, use_dora=True),
+                paper="Liu et al. 2024, arXiv 2402.09353", summary="PEFT's DoRA (dense norm), for comparison with dora",
+                needs=_NEEDS, default_lr=DEFAULT_LR))

@@ -1,0 +1,70 @@
+"""Write trained adapters as PEFT LoRA/DoRA adapters on the untouched base, and the curve plot.
+
+Every method exports exact LoRA pairs (`LoraDelta`), so one writer serves all of them: a fresh,
+untouched base is wrapped by PEFT with `init_lora_weights=False`, the pairs are copied in, and
+PEFT's own `save_pretrained` writes the directory. Scaling is folded into B, so every layer is
+written with lora_alpha = its rank (scaling 1); layers of other ranks go in `rank_pattern`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from subspace_cli.methods.adapt.base import LoraDelta
+
+
+def peft_config_for(deltas: dict[str, LoraDelta], use_dora: bool, fan_in_fan_out: bool, base_path: str):
+    import peft
+
+    ranks = {path: d.rank for path, d in deltas.items()}
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    # PEFT matches pattern keys as regexes against the module path: escape the dots.
+    pattern = {re.escape(path): r for path, r in ranks.items() if r != common}
+    return peft.LoraConfig(
+        r=common, lora_alpha=common, rank_pattern=pattern, alpha_pattern=dict(pattern),
+        target_modules=sorted(deltas), init_lora_weights=False, use_dora=use_dora,
+        fan_in_fan_out=fan_in_fan_out, base_model_name_or_path=base_path)
+
+
+@torch.no_grad()
+def attach_exported(base: nn.Module, deltas: dict[str, LoraDelta], use_dora: bool, base_path: str):
+    """Wrap the untouched `base` with PEFT and load the exported pairs; returns the PeftModel."""
+    import peft
+
+    fan_in_fan_out = any(type(base.get_submodule(p)).__name__ == "Conv1D" for p in deltas)
+    config = peft_config_for(deltas, use_dora, fan_in_fan_out, base_path)
+    peft_model = peft.get_peft_model(base, config)
+    root = peft_model.base_model.model
+    for path, delta in deltas.items():
+        layer = root.get_submodule(path)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        a.copy_(delta.A.reshape(a.shape).to(a.dtype))
+        b.copy_(delta.B.reshape(b.shape).to(b.dtype))
+        if delta.magnitude is not None:
+            magnitude = layer.lora_magnitude_vector["default"].weight
+            magnitude.copy_(delta.magnitude.reshape(magnitude.shape).to(magnitude.dtype))
+    return peft_model
+
+
+def plot_curve(curve: list[dict], evals: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([c["step"] for c in curve], [c["loss"] for c in curve], lw=1, label="training loss")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

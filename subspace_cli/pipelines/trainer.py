@@ -1,0 +1,227 @@
+"""A small, deterministic trainer on accelerate: `accelerate launch` gives DDP unchanged.
+
+AdamW over the trainable parameters, linear warmup then cosine decay, gradient accumulation and
+clipping, fp32 or bf16 autocast, optional gradient checkpointing, held-out loss at intervals and
+resumable checkpoints. Batches are a pure function of (seed, step, process): micro-batch m takes
+the next `batch_size` rows of the concatenated per-epoch permutations, so a resumed run sees
+exactly the rows the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from subspace_cli.errors import UsageError
+from subspace_cli.io.training_data import TokenBatchSet
+from subspace_cli.pipelines.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int
+    lr: float
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    eval_every: int = 25
+    eval_rows: int | None = None
+    save_every: int = 0
+    checkpoint_dir: Path | None = None
+    resume: Path | None = None
+    seed: int = 0
+    fingerprint: str = ""  # identifies the run's configuration; a checkpoint from another run is refused
+
+
+@dataclass
+class TrainResult:
+    curve: list[dict] = field(default_factory=list)  # per step: step, loss, lr, grad_norm
+    evals: list[dict] = field(default_factory=list)  # step, loss, ppl
+    seconds: float = 0.0
+    tokens: int = 0
+    resumed_from: int | None = None
+
+
+def batch_rows(step: int, micro: int, settings: TrainSettings, n_rows: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Row indices of one micro-batch: a slice of the seeded per-epoch permutations."""
+    start = ((step * settings.grad_accum + micro) * world + rank) * settings.batch_size
+    rows = []
+    for position in range(start, start + settings.batch_size):
+        epoch, offset = divmod(position, n_rows)
+        generator = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)
+        rows.append(int(torch.randperm(n_rows, generator=generator)[offset]))
+    return torch.tensor(rows)
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    """LR multiplier: linear warmup to 1, then cosine to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _batch(data: TokenBatchSet, rows: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    return {"input_ids": data.input_ids[rows].to(device), "attention_mask": data.attention_mask[rows].to(device),
+            "labels": data.labels[rows].to(device)}
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, data: TokenBatchSet, batch_size: int, limit: int | None = None, autocast=nullcontext) -> float:
+    """Token-weighted mean cross-entropy over the held-out rows (labels −100 carry no loss)."""
+    was_training = model.training
+    model.eval()
+    n = len(data) if not limit else min(limit, len(data))  # limit None or 0: every row
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, n, batch_size):
+        batch = _batch(data, torch.arange(start, min(n, start + batch_size)), device)
+        with autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]  # token t predicts t+1
+        losses = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, reduction="none", ignore_index=-100)
+        total += float(losses.sum())
+        count += int((labels != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, result: TrainResult, settings: TrainSettings) -> Path:
+    """Write step-N atomically: trainable tensors, optimizer and scheduler state, RNG, curve."""
+    final = directory / f"step-{step:06d}"
+    tmp = directory / f".step-{step:06d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous() for k, v in _trainable(model).items()}, tmp / "trainable.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state()}, tmp / "state.pt")
+    (tmp / "trainer.json").write_text(json.dumps({
+        "step": step, "fingerprint": settings.fingerprint, "curve": result.curve, "evals": result.evals,
+        "tokens": result.tokens, "seconds": result.seconds}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A step-N folder, or the newest step-N inside a checkpoint directory."""
+    path = Path(path)
+    if (path / "trainer.json").is_file():
+        return path
+    steps = sorted(p for p in path.glob("step-*") if (p / "trainer.json").is_file()) if path.is_dir() else []
+    if not steps:
+        raise UsageError(f"--resume '{path}' holds no training checkpoint (step-N folders with trainer.json)")
+    return steps[-1]
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, settings: TrainSettings, result: TrainResult) -> int:
+    meta = json.loads((path / "trainer.json").read_text())
+    if meta["fingerprint"] != settings.fingerprint:
+        raise UsageError(f"--resume '{path}' was written by a run with other options (model, method, data, rank, "
+                         "steps, schedule or seed differ); resume with the options it was started with")
+    tensors = load_file(path / "trainable.safetensors")
+    params = _trainable(model)
+    if set(tensors) != set(params):
+        raise UsageError(f"--resume '{path}': its trainable tensors do not match this model's adapters")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    state = torch.load(path / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    result.curve, result.evals = meta["curve"], meta["evals"]
+    result.tokens, result.seconds = meta["tokens"], meta["seconds"]
+    result.resumed_from = meta["step"]
+    return meta["step"]
+
+
+def train(model: nn.Module, train_data: TokenBatchSet, eval_data: TokenBatchSet, settings: TrainSettings) -> TrainResult:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="bf16" if settings.precision == "bf16" else "no",
+                              cpu=next(model.parameters()).device.type == "cpu")
+    if settings.gradient_checkpointing:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = list(_trainable(model).values())
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    # Not prepared by accelerate: it would step the schedule once per process.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, settings.warmup_steps, settings.steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    result = TrainResult()
+    start = 0
+    if settings.resume is not None:
+        start = load_checkpoint(find_checkpoint(settings.resume), accelerator.unwrap_model(model), optimizer, scheduler,
+                                settings, result)
+    model.train()
+    device = accelerator.device
+    last_eval = result.evals[-1]["step"] if result.evals else None
+    began = time.perf_counter() - result.seconds
+    with progress_bar(f"training {settings.steps} steps", settings.steps - start) as advance:
+        for step in range(start, settings.steps):
+            loss_sum = 0.0
+            for micro in range(settings.grad_accum):
+                rows = batch_rows(step, micro, settings, len(train_data), accelerator.process_index, accelerator.num_processes)
+                batch = _batch(train_data, rows, device)
+                sync = micro == settings.grad_accum - 1
+                with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+                    loss = model(**batch).loss / settings.grad_accum
+                accelerator.backward(loss)
+                loss_sum += float(loss.detach())
+                result.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            if not math.isfinite(loss_sum):
+                from subspace_cli.errors import RuntimeFailure
+
+                raise RuntimeFailure("train", f"loss became {loss_sum} at step {step + 1}; lower --lr or use --precision fp32")
+            grad_norm = (float(accelerator.clip_grad_norm_(params, settings.max_grad_norm))
+                         if settings.max_grad_norm > 0 else float("nan"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.curve.append({"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm})
+            done = step + 1
+            if settings.eval_every and done % settings.eval_every == 0 and done < settings.steps:
+                _evaluate(model, eval_data, settings, accelerator, result, done)
+                last_eval = done
+            result.seconds = time.perf_counter() - began
+            if settings.save_every and done % settings.save_every == 0 and done < settings.steps \
+                    and accelerator.is_main_process and settings.checkpoint_dir is not None:
+                save_checkpoint(settings.checkpoint_dir, done, accelerator.unwrap_model(model), optimizer, scheduler,
+                                result, settings)
+            advance()
+    if last_eval != settings.steps:
+        _evaluate(model, eval_data, settings, accelerator, result, settings.steps)
+    result.seconds = time.perf_counter() - began
+    model.eval()
+    return result
+
+
+def _evaluate(model, eval_data, settings, accelerator, result: TrainResult, step: int) -> None:
+    loss = eval_loss(accelerator.unwrap_model(model), eval_data, settings.batch_size, settings.eval_rows,
+                     accelerator.autocast)
+    result.evals.append({"step": step, "loss": loss, "ppl": math.exp(min(loss, 700.0))})
+    log.info("step %d: held-out loss %.4f, perplexity %.2f", step, loss, result.evals[-1]["ppl"])
