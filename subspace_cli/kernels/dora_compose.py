@@ -22,6 +22,8 @@ import functools
 
 import torch
 
+from subspace_cli.kernels.triton_support import cdiv, interpreting, triton_available
+
 
 def _acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -91,12 +93,6 @@ def _triton_kernel():
     return dora_compose_kernel
 
 
-def _interpreting(kernel) -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(kernel, InterpretedFunction)
-
-
 def dora_compose_triton(result: torch.Tensor, lora: torch.Tensor, g: torch.Tensor, scaling: float,
                         bias: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of `dora_compose_reference`; same shapes and dtypes, no autograd.
@@ -106,7 +102,7 @@ def dora_compose_triton(result: torch.Tensor, lora: torch.Tensor, g: torch.Tenso
     """
     _check(result, lora, g, bias, base)
     kernel = _triton_kernel()
-    if not result.is_cuda and not _interpreting(kernel):
+    if not result.is_cuda and not interpreting(kernel):
         raise RuntimeError("dora_compose_triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU)")
     out = result.shape[-1]
     res2 = result.reshape(-1, out).contiguous()  # [N, out]
@@ -118,7 +114,7 @@ def dora_compose_triton(result: torch.Tensor, lora: torch.Tensor, g: torch.Tenso
         g = g.contiguous()
         block_o = min(128, _next_pow2(out))
         block_n = min(max(4096 // block_o, 1), _next_pow2(n))  # ~4096 elements a program
-        grid = (_cdiv(n, block_n), _cdiv(out, block_o))
+        grid = (cdiv(n, block_n), cdiv(out, block_o))
         kernel[grid](res2, lora2, g, bias.contiguous() if bias is not None else g, base2, y, n, out, float(scaling),
                      HAS_BIAS=bias is not None, HAS_BASE=base is not None,
                      FP64=_acc_dtype(result, lora, g, bias, base) == torch.float64,
@@ -128,19 +124,6 @@ def dora_compose_triton(result: torch.Tensor, lora: torch.Tensor, g: torch.Tenso
 
 def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class DoraCompose(torch.autograd.Function):

@@ -19,6 +19,8 @@ import functools
 
 import torch
 
+from subspace_cli.kernels.triton_support import cdiv, interpreting, triton_available
+
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -81,12 +83,6 @@ def _triton_kernel():
     return packed_product_kernel
 
 
-def _interpreting(kernel) -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(kernel, InterpretedFunction)
-
-
 def packed_product_triton(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Triton gather-accumulate version of `packed_product_reference`; same shapes and dtypes.
 
@@ -97,7 +93,7 @@ def packed_product_triton(z: torch.Tensor, values: torch.Tensor, indices: torch.
     """
     _check(z, values, indices)
     kernel = _triton_kernel()
-    if not z.is_cuda and not _interpreting(kernel):
+    if not z.is_cuda and not interpreting(kernel):
         raise RuntimeError("packed_product_triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU)")
     if indices.dtype not in (torch.int16, torch.int32, torch.int64):
         indices = indices.to(torch.int32)
@@ -110,23 +106,10 @@ def packed_product_triton(z: torch.Tensor, values: torch.Tensor, indices: torch.
     if n and out:
         block_n = 16 if n <= 16 else 32 if n <= 256 else 64
         block_o = 64
-        grid = (_cdiv(n, block_n), _cdiv(out, block_o))
+        grid = (cdiv(n, block_n), cdiv(out, block_o))
         kernel[grid](z2, values, indices, y, n, k, out, s,
                      BLOCK_N=block_n, BLOCK_O=block_o, FP64=z.dtype == torch.float64)
     return y.reshape(*z.shape[:-1], out)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def packed_product(z: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
