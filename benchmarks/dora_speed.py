@@ -4,8 +4,9 @@ Both wrap the same frozen Linear W [out, in] with the same A [r, in], random non
 magnitude, in training mode, on an input x [rows, in] that needs its gradient (as mid-network).
 Adapter tensors are fp32 as `get_peft_model` makes them; the base is bf16 on CUDA, fp32 on CPU.
 The two are timed interleaved in one process (median of --repeats after warm-up). Memory: on CUDA
-the peak of torch.cuda.max_memory_allocated above the resident tensors; everywhere, the largest
-single tensor and the sum of every tensor allocated during one step (recorded at the dispatcher).
+the peak of torch.cuda.max_memory_allocated above the resident tensors; on CPU the peak of the
+running sum of the profiler's allocation and free events (`profile_memory=True`); everywhere, the
+largest single tensor and the sum of every tensor allocated during one step (at the dispatcher).
 
     python benchmarks/dora_speed.py                                   # CUDA: 4096×4096, rank 16, 2048 rows
     python benchmarks/dora_speed.py --out 1024 --in 1024 --rows 256 --threads 1   # the CPU run reported
@@ -78,6 +79,25 @@ def step(layer, x, grad):
     return y
 
 
+def cpu_peak_mib(layer, x, grad) -> float:
+    """Peak bytes alive during one step above those alive before it, from the CPU allocator's events."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(layer, x, grad)
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        events = json.load(open(f"{tmp}/trace.json"))["traceEvents"]
+    live = peak = 0
+    for event in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"]):
+        live += event["args"]["Bytes"]  # negative for a free
+        peak = max(peak, live)
+    return peak / MIB
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -103,6 +123,8 @@ def measure(layers, x, grad, device, repeats):
             resident = torch.cuda.memory_allocated()
             step(layer, x, grad)
             peak = (torch.cuda.max_memory_allocated() - resident) / MIB
+        else:
+            peak = cpu_peak_mib(layer, x, grad)
         with _Allocations() as record:
             step(layer, x, grad)
         rows[name] = dict(ms=1e3 * statistics.median(times[name]), peak=peak,
@@ -131,13 +153,12 @@ def main() -> None:
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"W {args.out}×{args.inp} {x.dtype}, rank {args.rank}, {args.rows} rows; {where}; "
           f"torch {torch.__version__}")
-    print("\n| layer | fwd+bwd ms (median) | PEFT / this | peak MiB | largest tensor MiB | allocated MiB |")
-    print("|---|---:|---:|---:|---:|---:|")
-    base_ms = rows["PEFT DoRA"]["ms"]
+    print("\n| layer | fwd+bwd ms (median) | time / PEFT | peak MiB | peak / PEFT | largest tensor MiB | allocated MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    peft_row = rows["PEFT DoRA"]
     for name, r in rows.items():
-        peak = "–" if r["peak"] is None else f"{r['peak']:.1f}"
-        print(f"| {name} | {r['ms']:.2f} | {base_ms / r['ms']:.2f}× | {peak} | {r['largest']:.2f} "
-              f"| {r['total']:.1f} |")
+        print(f"| {name} | {r['ms']:.2f} | {r['ms'] / peft_row['ms']:.2f}× | {r['peak']:.1f} | "
+              f"{r['peak'] / peft_row['peak']:.2f}× | {r['largest']:.2f} | {r['total']:.1f} |")
     print(f"\nmax |y_dora − y_peft| / max |y_peft| = {diff:.1e}")
 
 
