@@ -19,12 +19,12 @@ def methods(
         from subspace_cli.methods.registry import methods_for
 
         catalogue = []
-        for verb in ("compress", "adapt"):
+        for verb in ("compress", "adapt", "merge"):
             for m in methods_for(verb).values():
                 if name and m.name != name:
                     continue
                 options = {
-                    k: {"default": f.default, "description": f.description}
+                    (f.alias or k): {"default": f.default, "description": f.description}  # the key users type
                     for k, f in m.config_class.model_fields.items()
                 }
                 entry = {"verb": verb, "name": m.name, "summary": m.summary, "paper": m.paper,

@@ -38,7 +38,7 @@ class Method:
         try:
             return self.config_class(**(options or {}))
         except ValidationError as exc:
-            valid = ", ".join(self.config_class.model_fields) or "none"
+            valid = ", ".join(f.alias or k for k, f in self.config_class.model_fields.items()) or "none"
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "options"
             raise UsageError(f"method '{self.name}' option '{where}': {first['msg']} (valid options: {valid})") from exc
@@ -61,6 +61,8 @@ def _load_builtin_methods() -> None:
     # Importing the modules runs their register() lines.
     from subspace_cli.methods import asvd, cospadi, svd, svd_llm  # noqa: F401
     from subspace_cli.methods.adapt import dora, flora, lora_family, singular  # noqa: F401
+    from subspace_cli.methods.merge import concrete, task_arithmetic  # noqa: F401
+    from subspace_cli.methods.merge import singular as _merge_singular  # noqa: F401
 
 
 def methods_for(verb: str) -> dict[str, Method]:

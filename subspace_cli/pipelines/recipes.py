@@ -17,10 +17,13 @@ def _verbs() -> dict[str, tuple[type, Any]]:
     from subspace_cli.pipelines.compress_config import CompressConfig
     from subspace_cli.pipelines.evaluate import EvalConfig, run_eval
     from subspace_cli.pipelines.inspect import InspectConfig, run_inspect
+    from subspace_cli.pipelines.merge import run_merge
+    from subspace_cli.pipelines.merge_config import MergeConfig
 
     return {
         "compress": (CompressConfig, run_compress),
         "adapt": (AdaptConfig, run_adapt),
+        "merge": (MergeConfig, run_merge),
         "eval": (EvalConfig, run_eval),
         "inspect": (InspectConfig, run_inspect),
     }

@@ -33,6 +33,8 @@ def to_markdown(report: Report) -> str:
         lines.append("")
     if report.training:
         lines += _training_section(report)
+    if report.merge:
+        lines += _merge_section(report.merge)
     lines += ["## Time and memory", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report.timings_s.items()]
     lines += ["", f"Peak RSS: {report.peak_rss_mb:.0f} MiB" + (
@@ -60,6 +62,32 @@ def _training_section(report: Report) -> list[str]:
         ranks = sorted({a.export_rank for a in report.adapters})
         lines += [f"{len(report.adapters)} adapted layers, exported as LoRA of rank {', '.join(map(str, ranks))}; "
                   f"the curve is in training_curve.png.", ""]
+    return lines
+
+
+def _merge_section(merge) -> list[str]:
+    lines = ["## Inputs", "", "| model | weight | density |", "|---|---:|---:|"]
+    lines += [f"| {m} | {w:g} | {d:g} |" for m, w, d in zip(merge.models, merge.weights, merge.densities)]
+    lines += ["", f"Base: {merge.base or '–'}", ""]
+    if merge.perplexity:
+        labels = list(next(iter(merge.perplexity.values())))
+        lines += ["## Held-out perplexity per task", "", "| task | " + " | ".join(labels) + " |",
+                  "|---|" + "---:|" * len(labels)]
+        for task, row in merge.perplexity.items():
+            lines.append(f"| {task} | " + " | ".join(_fmt(row.get(label)) for label in labels) + " |")
+        if merge.normalised:
+            lines.append("| mean perplexity / specialist's | "
+                         + " | ".join(_fmt(merge.normalised.get(label)) for label in labels) + " |")
+            lines += ["", "Specialists: " + ", ".join(f"{task}: {m}" for task, m in merge.specialists.items())]
+        lines.append("")
+    if merge.tensors:
+        masked = any(t.mask_density is not None for t in merge.tensors)
+        lines += ["## Tensors", "", "| tensor | shape | sparsity of merged task vector | sign conflicts |"
+                  + (" mask density |" if masked else ""), "|---|---|---:|---:|" + ("---:|" if masked else "")]
+        for t in merge.tensors:
+            row = f"| {t.name} | {'×'.join(map(str, t.shape))} | {t.sparsity:.4f} | {t.sign_conflict:.4f} |"
+            lines.append(row + (f" {_fmt(t.mask_density)} |" if masked else ""))
+        lines.append("")
     return lines
 
 

@@ -65,6 +65,29 @@ class TrainingReport(BaseModel):
     evals: list[dict[str, float]] = Field(default_factory=list, description="held-out step, loss, ppl")
 
 
+class MergeTensorReport(BaseModel):
+    name: str
+    shape: tuple[int, ...]
+    sparsity: float = Field(description="fraction of exactly-zero entries of the merged task vector (merged − base)")
+    sign_conflict: float = Field(description="among entries where two or more task vectors are nonzero, the fraction "
+                                 "where they disagree in sign")
+    mask_density: float | None = Field(None, description="concrete: fraction kept (binary) or mean (continuous) of the mask")
+
+
+class MergeReport(BaseModel):
+    base: str | None
+    models: list[str]
+    weights: list[float]
+    densities: list[float]
+    tensors: list[MergeTensorReport] = Field(default_factory=list)
+    perplexity: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="task -> model label ('merged', 'base', each input) -> held-out perplexity")
+    specialists: dict[str, str] = Field(default_factory=dict, description="task -> the input model that specialises in it")
+    normalised: dict[str, float] = Field(
+        default_factory=dict, description="model label -> mean over tasks of its perplexity / the specialist's (1 = specialist level)")
+    mask_losses: list[float] = Field(default_factory=list, description="concrete: the objective per training step")
+
+
 class Report(BaseModel):
     schema_version: int = SCHEMA_VERSION
     tool_version: str
@@ -82,9 +105,11 @@ class Report(BaseModel):
     notes: list[str] = Field(default_factory=list)
     training: TrainingReport | None = None  # adapt
     adapters: list[AdapterLayerReport] = Field(default_factory=list)  # adapt
+    merge: MergeReport | None = None  # merge
 
     def summary(self) -> dict[str, Any]:
         """The one-object `--json` summary: everything but the per-matrix table."""
-        data = self.model_dump(mode="json", exclude={"matrices": True, "adapters": True, "training": {"curve"}})
+        data = self.model_dump(mode="json", exclude={"matrices": True, "adapters": True, "training": {"curve"},
+                                                             "merge": {"tensors", "mask_losses"}})
         data["ok"] = True
         return data

@@ -1,0 +1,684 @@
+"""Streaming checkpoint I/O for merging: read and write Hugging Face weights one tensor at a time.
+
+  LazyCheckpoint   a model directory (model.safetensors, or shards + model.safetensors.index.json)
+                   seen as name -> tensor; shapes and dtypes come from the safetensors headers, and
+                   `get` reads only the tensor asked for.
+  LoraCheckpoint   a base LazyCheckpoint plus a PEFT LoRA adapter, seen as the merged checkpoint
+                   (base + scaling * B @ A per targeted weight), computed per tensor on demand.
+  ShardedWriter    writes tensors one at a time into safetensors shards named like transformers
+                   does, buffering at most one shard in memory.
+  parse_size       "2GB" / "500MB" / "1.5GiB" -> bytes, with transformers' conventions.
+  compare_layouts  checks from the headers alone that several checkpoints share one layout.
+
+Peak memory is bounded by one tensor (plus its LoRA factors) for readers and one shard for the
+writer, so models larger than RAM can be merged. Pickle (.bin) weights are refused: they can run
+code when loaded and cannot be read lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from subspace_cli.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+# safetensors header dtype strings -> torch dtypes; the exotic ones only where torch has them.
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "C64": torch.complex64,
+}
+for _code, _attr in (("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"),
+                     ("F8_E4M3", "float8_e4m3fn"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+                     ("F8_E5M2", "float8_e5m2"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+                     ("F8_E8M0", "float8_e8m0fnu"), ("F4", "float4_e2m1fn_x2")):
+    if hasattr(torch, _attr):
+        _DTYPES[_code] = getattr(torch, _attr)
+del _code, _attr
+
+
+def _torch_dtype(code: str, name: str, file: Path) -> torch.dtype:
+    try:
+        return _DTYPES[code]
+    except KeyError:
+        raise UsageError(f"tensor '{name}' in '{file}' has dtype {code}, which this torch "
+                         f"{torch.__version__} cannot represent") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"cannot read '{path}': {err}") from err
+
+
+def _open_safetensors(file: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as err:  # safetensors raises SafetensorError / OSError for bad headers
+        raise UsageError(f"corrupt or unreadable safetensors file '{file}': {err}") from err
+
+
+@runtime_checkable
+class CheckpointReader(Protocol):
+    """What the merge pipeline needs from a checkpoint: LazyCheckpoint and LoraCheckpoint both fit."""
+
+    def names(self) -> list[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> torch.dtype: ...
+    def get(self, name: str) -> torch.Tensor: ...
+    def __contains__(self, name: object) -> bool: ...
+    @property
+    def config(self) -> dict: ...
+    def close(self) -> None: ...
+
+
+# ----------------------------------------------------------------------------- LazyCheckpoint
+
+
+class LazyCheckpoint:
+    """A Hugging Face model directory read one tensor at a time.
+
+    `names()` is sorted by name (the same order whether the weights are sharded or not).
+    One safetensors handle per shard is opened on first use and kept until `close()`.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            what = "is not a directory" if self.path.exists() else "does not exist"
+            raise UsageError(f"model directory '{self.path}' {what}")
+        self._file_of = self._locate_tensors()
+        self._names = sorted(self._file_of)
+        self._handles: dict[Path, Any] = {}
+        self._config: dict | None = None
+
+    def _locate_tensors(self) -> dict[str, Path]:
+        index, single = self.path / SAFE_INDEX, self.path / SAFE_SINGLE
+        if index.is_file():
+            data = _read_json(index)
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise UsageError(f"'{index}' has no weight_map")
+            file_of = {str(name): self.path / str(shard) for name, shard in weight_map.items()}
+            for shard in sorted(set(file_of.values())):
+                if not shard.is_file():
+                    raise UsageError(f"weight file '{shard}' listed in '{index}' is missing")
+            return file_of
+        if single.is_file():
+            with _open_safetensors(single) as handle:
+                return {name: single for name in handle.keys()}
+        if any(self.path.glob("model-*.safetensors")):
+            raise UsageError(f"'{self.path}' has sharded model-*.safetensors files but no {SAFE_INDEX}; "
+                             "the index says which tensor lives in which shard")
+        if any(self.path.glob("pytorch_model*.bin")):
+            raise UsageError(
+                f"'{self.path}' only has pickle weights (pytorch_model*.bin); merging reads safetensors only. "
+                "Convert it once: load it with transformers (AutoModelForCausalLM.from_pretrained) and save it "
+                "with save_pretrained(new_dir, safe_serialization=True) (transformers >= 5 always writes "
+                "safetensors)")
+        raise UsageError(f"'{self.path}' has no weights ({SAFE_SINGLE} or {SAFE_INDEX} with its shards)")
+
+    def _handle(self, name: str):
+        try:
+            file = self._file_of[name]
+        except KeyError:
+            raise KeyError(f"tensor '{name}' is not in checkpoint '{self.path}'") from None
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = _open_safetensors(file)
+        return handle, file
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._file_of
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """From the file header; the tensor is not read."""
+        handle, file = self._handle(name)
+        try:
+            return tuple(int(d) for d in handle.get_slice(name).get_shape())
+        except Exception as err:
+            raise UsageError(f"tensor '{name}' listed for '{file}' cannot be read from it: {err}") from err
+
+    def dtype(self, name: str) -> torch.dtype:
+        """From the file header; the tensor is not read."""
+        handle, file = self._handle(name)
+        try:
+            code = handle.get_slice(name).get_dtype()
+        except Exception as err:
+            raise UsageError(f"tensor '{name}' listed for '{file}' cannot be read from it: {err}") from err
+        return _torch_dtype(code, name, file)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read this one tensor: a CPU tensor in its stored dtype, owned by the caller."""
+        handle, file = self._handle(name)
+        try:
+            # safe_open hands out views of one copy-on-write mapping per handle: an in-place edit of
+            # one would show up in every later read of that tensor. The copy makes it the caller's.
+            return handle.get_tensor(name).clone()
+        except Exception as err:
+            raise UsageError(f"tensor '{name}' listed for '{file}' cannot be read from it: {err}") from err
+
+    @property
+    def config(self) -> dict:
+        """config.json as a dict, or {} when the directory has none."""
+        if self._config is None:
+            file = self.path / "config.json"
+            data = _read_json(file) if file.is_file() else {}
+            self._config = data if isinstance(data, dict) else {}
+        return self._config
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+
+    def __enter__(self) -> LazyCheckpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LazyCheckpoint('{self.path}', {len(self._names)} tensors)"
+
+
+# ----------------------------------------------------------------------------- LoraCheckpoint
+
+# LoraConfig fields that select a LoRA variant (or layout) whose merge is not base + scaling * B @ A.
+# Listed by hand so PEFT is not needed at run time; the value is what the user should do instead.
+_REFUSED_FIELDS = {
+    "use_dora": "merge it first with `subspace adapt --merge` or PEFT's merge_and_unload, and merge the result",
+    "use_qalora": "QA-LoRA pools its inputs; merge it first with PEFT's merge_and_unload",
+    "use_bdlora": "block-diagonal LoRA is not supported; merge it first with PEFT's merge_and_unload",
+    "alora_invocation_tokens": "activated LoRA only applies after its invocation tokens and cannot be merged",
+    "arrow_config": "Arrow routes between adapters per token and cannot be merged into weights",
+    "kasa_config": "KaSA is not supported; merge it first with PEFT's merge_and_unload",
+    "monteclora_config": "MonteCLoRA is not supported; merge it first with PEFT's merge_and_unload",
+    "velora_config": "VeLoRA is not supported; merge it first with PEFT's merge_and_unload",
+    "layer_replication": "replicated layers change the architecture; merge it first with PEFT's merge_and_unload",
+    "target_parameters": "LoRA on bare nn.Parameters (e.g. MoE experts) is not supported; merge it first "
+                         "with PEFT's merge_and_unload",
+    "trainable_token_indices": "trainable tokens are not supported; merge it first with PEFT's merge_and_unload",
+}
+# init_lora_weights values that change the base weights: the adapter only fits the residual model.
+_MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+
+
+def is_lora_adapter(path: Path) -> bool:
+    """True for a directory holding a PEFT adapter (adapter_config.json)."""
+    path = Path(path)
+    return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
+
+
+def get_pattern_key(pattern_keys, key_to_match: str) -> str:
+    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key), copied exactly:
+    the first key that, as a regex, matches a whole dotted suffix of the module name wins."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", key_to_match):
+            return key
+    return key_to_match
+
+
+@dataclass(frozen=True)
+class _LoraTerm:
+    """One low-rank update of a base tensor: scaling * B @ A (kind 'linear', 'embedding') or
+    scaling * lora_B.bias (kind 'bias')."""
+
+    kind: str
+    a_key: str | None
+    b_key: str
+    scaling: float
+    transpose: bool = False
+
+
+class LoraCheckpoint:
+    """A base checkpoint with a PEFT LoRA adapter applied, read one tensor at a time.
+
+    `get(name)` = base (or the adapter's full replacement, for modules_to_save / trained biases)
+    + scaling * B @ A for targeted weights, computed in float32 and returned in the base dtype.
+    Everything is checked from shapes when constructed, so a bad adapter fails before any work.
+    `close()` closes the adapter file only: the base may be shared by several adapters.
+    """
+
+    def __init__(self, base: LazyCheckpoint, adapter_dir: Path):
+        self.base = base
+        self.adapter_dir = Path(adapter_dir)
+        self.adapter_config = self._read_config()
+        weights = self.adapter_dir / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            if (self.adapter_dir / "adapter_model.bin").is_file():
+                raise UsageError(
+                    f"adapter '{self.adapter_dir}' only has pickle weights (adapter_model.bin); merging reads "
+                    "safetensors only. Convert it once: load it with PeftModel.from_pretrained and save it with "
+                    "save_pretrained(new_dir, safe_serialization=True)")
+            raise UsageError(f"adapter '{self.adapter_dir}' has no {ADAPTER_WEIGHTS}")
+        self._handle = _open_safetensors(weights)
+        self._replace: dict[str, str] = {}  # base name -> adapter key of its full replacement
+        self._terms: dict[str, list[_LoraTerm]] = {}  # base name -> its LoRA updates
+        try:
+            self._plan()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- configuration
+
+    def _read_config(self) -> dict:
+        file = self.adapter_dir / ADAPTER_CONFIG
+        if not file.is_file():
+            raise UsageError(f"'{self.adapter_dir}' is not a PEFT adapter directory (no {ADAPTER_CONFIG})")
+        cfg = _read_json(file)
+        if not isinstance(cfg, dict):
+            raise UsageError(f"'{file}' is not a JSON object")
+        peft_type = str(cfg.get("peft_type", "")).upper()
+        if peft_type != "LORA":
+            raise UsageError(f"'{file}': peft_type {cfg.get('peft_type')!r} is not supported; only LoRA adapters "
+                             "(peft_type 'LORA') can be merged")
+        for field, advice in _REFUSED_FIELDS.items():
+            if cfg.get(field):
+                raise UsageError(f"'{file}': {field}: {json.dumps(cfg[field])} is not supported here; {advice}")
+        init = str(cfg.get("init_lora_weights", True)).lower()
+        if init == "mica":
+            raise UsageError(f"'{file}': init_lora_weights 'mica' is a LoRA variant that is not supported here; "
+                             "merge it first with PEFT's merge_and_unload")
+        if init.startswith(_MUTATING_INITS):
+            log.warning("adapter '%s' was initialised with init_lora_weights=%r, which changes the base weights; "
+                        "the result is only right if the base given is the residual model it was trained on",
+                        self.adapter_dir, cfg.get("init_lora_weights"))
+        for field in ("r", "lora_alpha"):
+            if not isinstance(cfg.get(field), (int, float)) or isinstance(cfg.get(field), bool) or cfg[field] <= 0:
+                raise UsageError(f"'{file}': {field} must be a positive number, got {cfg.get(field)!r}")
+        for field in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(cfg.get(field) or {}, dict):
+                raise UsageError(f"'{file}': {field} must be a mapping, got {cfg.get(field)!r}")
+        return cfg
+
+    def _scaling(self, module: str) -> tuple[int, float]:
+        """(r, scaling) for one module, as PEFT's LoraModel._create_and_replace computes them."""
+        cfg = self.adapter_config
+        rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        try:
+            r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), cfg["r"])
+            alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), cfg["lora_alpha"])
+        except re.error as err:
+            raise UsageError(f"'{self.adapter_dir / ADAPTER_CONFIG}': a rank_pattern / alpha_pattern key is not a "
+                             f"valid regular expression: {err}") from err
+        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        return int(r), float(scaling)
+
+    # -- key mapping, all from headers
+
+    def _adapter_shape(self, key: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self._handle.get_slice(key).get_shape())
+
+    def _base_name(self, name: str) -> str | None:
+        """The base tensor an adapter-side name refers to, or None. PEFT names follow the module tree,
+        which can have one more leading component than the checkpoint's names (GPT-2 hub files store
+        'h.0...' where the model, and so the adapter, says 'transformer.h.0...')."""
+        if name in self.base:
+            return name
+        _, _, rest = name.partition(".")
+        if rest and rest in self.base:
+            return rest
+        return None
+
+    def _require_base(self, name: str, key: str) -> str:
+        resolved = self._base_name(name)
+        if resolved is None:
+            raise UsageError(f"adapter '{self.adapter_dir}': '{key}' targets '{name}', which is not in the base "
+                             f"model '{self.base.path}'; was the adapter trained on a different base?")
+        return resolved
+
+    def _plan(self) -> None:
+        keys = sorted(self._handle.keys())
+        lora: dict[str, dict[str, str]] = {}  # module path -> {"A": key, "B": key, "bias": key, "emb_A": ...}
+        for key in keys:
+            path = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+            parts = path.split(".")
+            if "lora_magnitude_vector" in parts:
+                raise UsageError(f"adapter '{self.adapter_dir}' holds DoRA magnitudes ('{key}'): use_dora is not "
+                                 "supported; merge it first with `subspace adapt --merge` or PEFT's "
+                                 "merge_and_unload, and merge the result")
+            if "trainable_tokens_delta" in parts:
+                raise UsageError(f"adapter '{self.adapter_dir}' holds trainable tokens ('{key}'), which are not "
+                                 "supported; merge it first with PEFT's merge_and_unload")
+            for suffix, slot in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_B.bias", "bias"),
+                                 (".lora_embedding_A", "emb_A"), (".lora_embedding_B", "emb_B")):
+                if path.endswith(suffix):
+                    lora.setdefault(path[: -len(suffix)], {})[slot] = key
+                    break
+            else:
+                if any(p.startswith("lora_") for p in parts):
+                    raise UsageError(f"adapter '{self.adapter_dir}': unrecognised LoRA tensor '{key}' (only plain "
+                                     "LoRA on Linear, GPT-2 Conv1D and Embedding layers is supported)")
+                self._plan_replacement(key, parts)
+        for module, slots in lora.items():
+            self._plan_lora(module, slots)
+
+    def _plan_replacement(self, key: str, parts: list[str]) -> None:
+        """A full tensor in the adapter (modules_to_save, bias='all'/'lora_only', saved embeddings)
+        replaces the base tensor. PEFT saves it under the module path without the 'modules_to_save.<adapter>'
+        wrapper (handled too, in case an exporter kept it), and a targeted layer's own tensors with an
+        extra 'base_layer.' (e.g. '...c_attn.base_layer.bias')."""
+        if "modules_to_save" in parts:
+            i = parts.index("modules_to_save")
+            candidates = [parts[:i] + parts[i + 1:], parts[:i] + parts[i + 2:]]
+        else:
+            candidates = [parts]
+        candidates = [[p for p in c if p != "base_layer"] for c in candidates]
+        for cand in candidates:
+            resolved = self._base_name(".".join(cand))
+            if resolved is not None:
+                self._replace[resolved] = key
+                return
+        self._require_base(".".join(candidates[0]), key)  # raises, naming the tensor
+
+    def _plan_lora(self, module: str, slots: dict[str, str]) -> None:
+        r_cfg, scaling = self._scaling(module)
+        if "emb_A" in slots or "emb_B" in slots:
+            if "emb_A" not in slots or "emb_B" not in slots:
+                raise UsageError(f"adapter '{self.adapter_dir}': '{slots.get('emb_A') or slots.get('emb_B')}' has "
+                                 "no matching lora_embedding_A/lora_embedding_B partner")
+            a_key, b_key, kind = slots["emb_A"], slots["emb_B"], "embedding"
+        else:
+            if "A" not in slots or "B" not in slots:
+                lonely = slots.get("A") or slots.get("B") or slots.get("bias")
+                raise UsageError(f"adapter '{self.adapter_dir}': '{lonely}' has no matching lora_A/lora_B partner")
+            a_key, b_key, kind = slots["A"], slots["B"], "linear"
+        target = self._require_base(f"{module}.weight", b_key)
+        a_shape, b_shape = self._adapter_shape(a_key), self._adapter_shape(b_key)
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+            raise UsageError(f"adapter '{self.adapter_dir}': '{a_key}' {a_shape} and '{b_key}' {b_shape} are not "
+                             "a LoRA pair (A is r x in, B is out x r)")
+        rank = a_shape[0]
+        if rank != r_cfg:
+            raise UsageError(f"adapter '{self.adapter_dir}': '{a_key}' has rank {rank} but adapter_config.json "
+                             f"(r / rank_pattern) gives {r_cfg} for module '{module}'")
+        shape = self.shape(target)
+        if len(shape) != 2:
+            raise UsageError(f"adapter '{self.adapter_dir}': '{a_key}' targets '{target}' of shape {shape}; LoRA on "
+                             "convolution or other non-2-D layers is not supported")
+        if kind == "embedding":
+            # lora_embedding_A is r x num_embeddings, lora_embedding_B is dim x r: delta = (B @ A)^T.
+            if shape != (a_shape[1], b_shape[0]):
+                raise UsageError(f"adapter '{self.adapter_dir}': '{a_key}' {a_shape} / '{b_key}' {b_shape} do not "
+                                 f"fit '{target}' of shape {shape}")
+            transpose = True
+        else:
+            straight, flipped = (b_shape[0], a_shape[1]), (a_shape[1], b_shape[0])
+            if shape == straight == flipped:
+                # Square: the shapes cannot tell a Linear from a GPT-2 Conv1D; trust the config.
+                transpose = bool(self.adapter_config.get("fan_in_fan_out"))
+            elif shape == straight:
+                transpose = False
+            elif shape == flipped:
+                # Conv1D stores (in, out). PEFT flips config.fan_in_fan_out per layer type as it goes,
+                # so for mixed Linear/Conv1D targets the saved flag is only right for some layers.
+                transpose = True
+            else:
+                raise UsageError(f"adapter '{self.adapter_dir}': '{a_key}' {a_shape} / '{b_key}' {b_shape} do not "
+                                 f"fit '{target}' of shape {shape}")
+        self._terms.setdefault(target, []).append(_LoraTerm(kind, a_key, b_key, scaling, transpose))
+        if "bias" in slots:
+            bias = self._require_base(f"{module}.bias", slots["bias"])
+            if self.shape(bias) != (b_shape[0],):
+                raise UsageError(f"adapter '{self.adapter_dir}': '{slots['bias']}' does not fit '{bias}' of shape "
+                                 f"{self.shape(bias)}")
+            self._terms.setdefault(bias, []).append(_LoraTerm("bias", None, slots["bias"], scaling))
+
+    # -- the checkpoint interface
+
+    def names(self) -> list[str]:
+        """The base's names, in the base's (sorted) order."""
+        return self.base.names()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The base shape, or the replacement's when the adapter saved a full tensor (e.g. a resized vocabulary)."""
+        if name in self._replace:
+            return self._adapter_shape(self._replace[name])
+        return self.base.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        """Always the base tensor's dtype: that is what `get` returns."""
+        return self.base.dtype(name)
+
+    @property
+    def config(self) -> dict:
+        return self.base.config
+
+    @property
+    def targeted(self) -> list[str]:
+        """Base tensors the adapter changes (LoRA updates or full replacements), sorted."""
+        return sorted(set(self._terms) | set(self._replace))
+
+    def get(self, name: str) -> torch.Tensor:
+        dtype = self.base.dtype(name)
+        if name in self._replace:
+            tensor = self._handle.get_tensor(self._replace[name]).clone()  # owned, see LazyCheckpoint.get
+        else:
+            tensor = self.base.get(name)
+        terms = self._terms.get(name)
+        if not terms:
+            return tensor.to(dtype)
+        out = tensor.to(torch.float32)  # owned either way, so it can be updated in place
+        del tensor
+        for term in terms:
+            out += self._delta(term)
+        return out.to(dtype)
+
+    def _delta(self, term: _LoraTerm) -> torch.Tensor:
+        # Same operation order as PEFT's get_delta_weight, in float32.
+        b = self._handle.get_tensor(term.b_key).to(torch.float32)
+        if term.kind == "bias":
+            return b * term.scaling
+        a = self._handle.get_tensor(term.a_key).to(torch.float32)
+        delta = b @ a
+        if term.transpose:
+            delta = delta.T
+        return delta * term.scaling
+
+    def close(self) -> None:
+        """Close the adapter file; the base stays open (it may be shared)."""
+        if self._handle is not None:
+            self._handle.__exit__(None, None, None)
+            self._handle = None
+
+    def __enter__(self) -> LoraCheckpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LoraCheckpoint(base='{self.base.path}', adapter='{self.adapter_dir}')"
+
+
+# ----------------------------------------------------------------------------- writing
+
+_SIZE_UNITS = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """A size in bytes from "2GB", "500MB", "1.5GiB", "10KB" or a plain integer (bytes).
+
+    Matches transformers' convert_file_size_to_int (units case-insensitive; KB/MB/GB are powers
+    of 10, KiB/MiB/GiB powers of 2; a lowercase final 'b' on KB/MB/GB, as in "5Gb", means bits,
+    so a byte count of 1/8) and additionally accepts decimals ("1.5GiB") and spaces ("2 GB").
+    """
+    accepted = "a positive integer (bytes) or a number with KB, MB, GB (10^3) or KiB, MiB, GiB (2^10), e.g. 2GB"
+    if isinstance(text, bool):
+        raise UsageError(f"bad size {text!r}: expected {accepted}")
+    if isinstance(text, int):
+        if text <= 0:
+            raise UsageError(f"bad size {text!r}: expected {accepted}")
+        return text
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise UsageError(f"bad size {text!r}: expected {accepted}")
+    number, unit = match.groups()
+    try:
+        value = Decimal(number)
+    except InvalidOperation:
+        raise UsageError(f"bad size {text!r}: expected {accepted}") from None
+    if not unit:
+        if value != value.to_integral_value():
+            raise UsageError(f"bad size {text!r}: a size without a unit is whole bytes; expected {accepted}")
+        size = int(value)
+    elif unit.upper() in _SIZE_UNITS:
+        size = int(value * _SIZE_UNITS[unit.upper()])
+        if unit.upper() in ("GB", "MB", "KB") and unit.endswith("b"):
+            size //= 8  # transformers reads a lowercase 'b' as bits
+    else:
+        raise UsageError(f"bad size {text!r}: unknown unit {unit!r}; expected {accepted}")
+    if size <= 0:
+        raise UsageError(f"bad size {text!r}: expected {accepted}")
+    return size
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class ShardedWriter:
+    """Write tensors one at a time into safetensors shards, transformers-style.
+
+    At most one shard (max_shard_bytes, or one larger tensor) is held in memory. Shards are written
+    under temporary names and renamed by `finish()` once their count is known: `model.safetensors`
+    alone, or `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`.
+    """
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int):
+        if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._written: list[tuple[Path, list[str]]] = []  # temporary file, its tensor names
+        self._seen: set[str] = set()
+        self._total = 0
+        self._finished = False
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self._finished:
+            raise ValueError("ShardedWriter.add after finish()")
+        if name in self._seen:
+            raise ValueError(f"tensor '{name}' was already written")
+        tensor = tensor.detach().to("cpu").contiguous()
+        # safetensors refuses tensors that share storage, and a view would save its whole base storage:
+        # give views and aliases of buffered tensors their own copy.
+        if tensor.untyped_storage().nbytes() != _nbytes(tensor) or any(
+                t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in self._buffer.values()):
+            tensor = tensor.clone()
+        size = _nbytes(tensor)
+        if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._buffer[name] = tensor
+        self._buffer_bytes += size
+        self._seen.add(name)
+        self._total += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self._buffer:
+            return
+        tmp = self.out_dir / f".shard-{len(self._written) + 1:05d}.safetensors.tmp"
+        save_file(self._buffer, str(tmp), metadata={"format": "pt"})
+        self._written.append((tmp, list(self._buffer)))
+        self._buffer = {}
+        self._buffer_bytes = 0
+
+    def finish(self) -> dict:
+        """Flush, name the shards, write the index when sharded; returns {"shards", "total_bytes", "tensors"}."""
+        if self._finished:
+            raise ValueError("ShardedWriter.finish called twice")
+        if not self._seen:
+            raise ValueError("ShardedWriter.finish: no tensors were added")
+        self._flush()
+        self._finished = True
+        count = len(self._written)
+        names = ([SAFE_SINGLE] if count == 1 else
+                 [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)])
+        weight_map: dict[str, str] = {}
+        for (tmp, tensor_names), final in zip(self._written, names):
+            os.replace(tmp, self.out_dir / final)
+            weight_map.update({n: final for n in tensor_names})
+        if count > 1:
+            index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        return {"shards": names, "total_bytes": self._total, "tensors": len(weight_map)}
+
+    def abort(self) -> None:
+        """Delete the temporary shards of an unfinished write."""
+        if not self._finished:
+            for tmp, _ in self._written:
+                tmp.unlink(missing_ok=True)
+            self._written.clear()
+            self._buffer.clear()
+            self._finished = True
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()  # a no-op after finish(); otherwise no half-written shards are left behind
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def compare_layouts(reference: CheckpointReader, others: list[tuple[str, CheckpointReader]],
+                    reference_label: str = "the base") -> None:
+    """Raise UsageError at the first tensor (in reference order) that another checkpoint lacks,
+    has with another shape, or has in excess. Reads shapes from headers only."""
+    ref_names = reference.names()
+    ref_set = set(ref_names)
+    for label, other in others:
+        for name in ref_names:
+            if name not in other:
+                raise UsageError(f"model '{label}' differs from {reference_label} at tensor '{name}': missing in "
+                                 f"'{label}'; merging needs identical architectures and vocabularies")
+            mine, theirs = other.shape(name), reference.shape(name)
+            if mine != theirs:
+                raise UsageError(f"model '{label}' differs from {reference_label} at tensor '{name}': shape "
+                                 f"{mine} vs {theirs}; merging needs identical architectures and vocabularies")
+        for name in other.names():
+            if name not in ref_set:
+                raise UsageError(f"model '{label}' differs from {reference_label} at tensor '{name}': not in "
+                                 f"{reference_label} (extra in '{label}'); merging needs identical architectures "
+                                 "and vocabularies")

@@ -1,0 +1,1 @@
+"""Merge methods: per-tensor merges (streamed) and the concrete subspace mask (trained on the whole model)."""

@@ -1,0 +1,213 @@
+"""Elementwise merges with mergekit 0.1.5's semantics (option names, defaults and edge cases):
+
+- `linear`: Σ wᵢθᵢ / Σ wᵢ (Wortsman et al. 2022, "Model soups", arXiv 2203.05482).
+- `task-arithmetic`: θ₀ + λ·Σ wᵢΔᵢ, Δᵢ = θᵢ − θ₀ (Ilharco et al. 2023, arXiv 2212.04089).
+- `ties`: trim each Δᵢ to its top-density magnitudes, elect a sign per entry, average the agreeing
+  entries (Yadav et al. 2023, "TIES-Merging", arXiv 2306.01708).
+- `dare-linear` / `dare-ties`: drop each entry of Δᵢ with probability 1 − density, then task arithmetic /
+  TIES sign election (Yu et al. 2024, "Language Models are Super Mario", arXiv 2311.03099).
+
+Edge cases, as mergekit 0.1.5 computes them:
+- Every method but linear is mergekit's generalized task arithmetic: sparsify each Δᵢ, weight it,
+  optionally elect signs, sum, divide by the weight sum when `normalize`, scale by λ, add to θ₀.
+- normalize divisor: without sign election Σ wᵢ, replaced by 1 when |Σ wᵢ| < 1e-8; with sign
+  election the per-entry sum of the weights of the agreeing models, replaced by 1 where it is 0.
+  `linear` has no such guard: Σ wᵢ = 0 with normalize gives inf/NaN (the pipeline rejects non-finite
+  tensors).
+- Magnitude trimming keeps k = max(1, int(density·numel)) entries (density ≥ 1: no trimming; ≤ 0: all
+  zero); equal magnitudes are ranked by torch's sort, as in mergekit.
+- `rescale` is mergekit's L1 rescale, not DARE's 1/density: the kept entries are scaled so that
+  Σ|kept| = Σ|Δᵢ| (skipped when either sum is < 1e-7). It is the unbiased 1/density in expectation.
+  Density ≥ 1 leaves Δᵢ untouched and draws no random numbers.
+- Sign election runs on the weighted, sparsified task vectors: `sum` elects the sign of Σ wᵢΔᵢ,
+  `count` the sign held by more models; a zero total elects +. Zero entries (sign 0) never agree.
+- λ = 0 returns θ₀ bit for bit. Everything runs in float32 (mergekit runs task arithmetic in the
+  inputs' dtype, so bf16 inputs differ by bf16 rounding there).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from pydantic import ConfigDict, Field
+
+from subspace_cli.methods.merge.base import TensorInputs, apply_update, fp32, task_vectors
+from subspace_cli.methods.registry import Method, MethodConfig, register
+
+_RESCALE_EPS = 1e-7  # mergekit: no rescale when Σ|Δ| or Σ|kept| is below this
+_WEIGHT_SUM_EPS = 1e-8  # mergekit: normalize divides by 1 when |Σ wᵢ| is below this
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+class LinearConfig(MethodConfig):
+    normalize: bool = Field(True, description="divide by the sum of the weights (false: Σ wᵢθᵢ)")
+
+
+class TaskArithmeticConfig(MethodConfig):
+    model_config = ConfigDict(populate_by_name=True)
+
+    lambda_: float = Field(
+        1.0, alias="lambda", allow_inf_nan=False,
+        description="λ: scale of the merged task vector, θ = θ₀ + λ·Δ (also accepted as lambda_)")
+    normalize: bool = Field(False, description="divide the merged task vector by the sum of the weights")
+    rescale: bool = Field(False, description="accepted for mergekit compatibility; no effect without sparsification")
+
+
+class TiesConfig(TaskArithmeticConfig):
+    normalize: bool = Field(True, description="divide each entry by the summed weights of the models that agree "
+                            "with the elected sign")
+    rescale: bool = Field(False, description="after trimming, rescale each task vector to its original L1 norm")
+    consensus: Literal["sum", "count"] = Field(
+        "sum", description="sign election: sum = sign of Σ wᵢΔᵢ (TIES); count = the sign most models have")
+
+
+class DareLinearConfig(TaskArithmeticConfig):
+    rescale: bool = Field(True, description="after the random drop, rescale each task vector to its original L1 "
+                          "norm (mergekit's rescale; ≈ 1/density)")
+
+
+class DareTiesConfig(DareLinearConfig):
+    consensus: Literal["sum", "count"] = Field(
+        "sum", description="sign election: sum = sign of Σ wᵢΔᵢ (TIES); count = the sign most models have")
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def l1_rescale(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """kept·(Σ|Δ| / Σ|kept|), or kept unchanged when either norm is below 1e-7."""
+    before, after = delta.abs().sum(), kept.abs().sum()
+    if before < _RESCALE_EPS or after < _RESCALE_EPS:
+        return kept
+    return kept * (before / after)
+
+
+def magnitude_trim(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """Keep the k = max(1, int(density·numel)) largest |Δ| entries, zero the rest."""
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
+    # A full sort rather than topk: equal magnitudes (common in deltas of bf16 checkpoints) are then
+    # ranked exactly as mergekit ranks them.
+    order = torch.argsort(delta.abs().reshape(-1), descending=True)  # [numel]
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+    mask[order[:k]] = 1
+    kept = delta * mask.view_as(delta)  # multiplying keeps mergekit's signed zeros
+    return l1_rescale(delta, kept) if rescale else kept
+
+
+def random_drop(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator) -> torch.Tensor:
+    """DARE: keep each entry with probability `density` (Bernoulli mask drawn on the CPU generator)."""
+    if density >= 1:
+        return delta
+    # Drawn on the CPU so the mask depends only on the seed, not on the device the tensors live on;
+    # the same draw as mergekit's torch.bernoulli under torch.manual_seed(seed).
+    probs = torch.full(delta.shape, float(density), dtype=torch.float32)
+    keep = torch.bernoulli(probs, generator=generator).to(device=delta.device, dtype=delta.dtype)
+    kept = delta * keep
+    return l1_rescale(delta, kept) if rescale else kept
+
+
+def elect_sign(weighted: torch.Tensor, consensus: Literal["sum", "count"]) -> torch.Tensor:
+    """[N, *shape] bool: which weighted task-vector entries agree with the elected sign."""
+    sign = weighted.sign()
+    total = weighted.sum(dim=0) if consensus == "sum" else sign.sum(dim=0)  # [*shape]
+    majority = torch.where(total >= 0, 1.0, -1.0).to(weighted.dtype)  # a zero total elects +
+    return sign == majority
+
+
+def combine(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float],
+            consensus: Literal["sum", "count"] | None, normalize: bool, lambda_: float) -> torch.Tensor:
+    """θ₀ + λ·(Σ wᵢΔᵢ [over agreeing entries]) / divisor: mergekit's generalized task arithmetic."""
+    if not deltas or lambda_ == 0:
+        return base.clone()
+    stacked = torch.stack(deltas)  # [N, *shape]
+    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * base.ndim))  # [N, 1...]
+    stacked = stacked * w
+    if consensus is not None:
+        agree = elect_sign(stacked, consensus)  # [N, *shape]
+        mixed = (stacked * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+        divisor = torch.where(divisor == 0, 1.0, divisor)
+    else:
+        mixed = stacked.sum(dim=0)
+        divisor = w.sum(dim=0)  # [1...]
+        divisor = torch.where(divisor.abs() < _WEIGHT_SUM_EPS, 1.0, divisor)
+    if normalize:
+        mixed = mixed / divisor
+    return apply_update(base, mixed, lambda_)
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def merge_linear(inputs: TensorInputs, config: LinearConfig) -> torch.Tensor:
+    w = torch.tensor(inputs.weights, dtype=torch.float32)  # [N]
+    merged = torch.zeros_like(fp32(inputs.models[0]))
+    for model, weight in zip(inputs.models, w):  # one pass per model
+        merged.addcmul_(fp32(model), weight.to(merged.device))
+    if config.normalize:
+        merged = merged / w.sum().to(merged.device)  # no zero guard, as in mergekit
+    return merged
+
+
+def merge_task_arithmetic(inputs: TensorInputs, config: TaskArithmeticConfig) -> torch.Tensor:
+    base, deltas = task_vectors(inputs, "task-arithmetic")
+    return combine(base, deltas, inputs.weights, None, config.normalize, config.lambda_)
+
+
+def merge_ties(inputs: TensorInputs, config: TiesConfig) -> torch.Tensor:
+    base, deltas = task_vectors(inputs, "ties")
+    trimmed = [magnitude_trim(d, density, config.rescale) for d, density in zip(deltas, inputs.densities)]
+    return combine(base, trimmed, inputs.weights, config.consensus, config.normalize, config.lambda_)
+
+
+def _dare(consensus: Callable[[TaskArithmeticConfig], Literal["sum", "count"] | None], name: str):
+    def build(inputs: TensorInputs, config: DareLinearConfig) -> torch.Tensor:
+        base, deltas = task_vectors(inputs, name)
+        if config.lambda_ == 0:
+            return base.clone()
+        dropped = [random_drop(d, density, config.rescale, inputs.generator)  # in model order: one draw each
+                   for d, density in zip(deltas, inputs.densities)]
+        return combine(base, dropped, inputs.weights, consensus(config), config.normalize, config.lambda_)
+
+    build.__name__ = f"merge_{name.replace('-', '_')}"
+    return build
+
+
+merge_dare_linear = _dare(lambda config: None, "dare-linear")
+merge_dare_ties = _dare(lambda config: config.consensus, "dare-ties")
+
+register(Method(
+    name="linear", verb="merge", config_class=LinearConfig, build=merge_linear,
+    paper="Wortsman et al. 2022, arXiv 2203.05482 (model soups)",
+    summary="weighted average of the models, Σ wᵢθᵢ / Σ wᵢ (no base needed)",
+))
+register(Method(
+    name="task-arithmetic", verb="merge", config_class=TaskArithmeticConfig, build=merge_task_arithmetic,
+    paper="Ilharco et al. 2023, arXiv 2212.04089 (task arithmetic)",
+    summary="θ₀ + λ·Σ wᵢ(θᵢ − θ₀): add the weighted task vectors to the base", needs=("base",),
+))
+register(Method(
+    name="ties", verb="merge", config_class=TiesConfig, build=merge_ties,
+    paper="Yadav et al. 2023, arXiv 2306.01708 (TIES-Merging)",
+    summary="trim each task vector to its top-density magnitudes, elect signs, average the agreeing entries",
+    needs=("base",),
+))
+register(Method(
+    name="dare-linear", verb="merge", config_class=DareLinearConfig, build=merge_dare_linear,
+    paper="Yu et al. 2024, arXiv 2311.03099 (DARE)",
+    summary="drop task-vector entries at random (keep probability = density), rescale, task arithmetic",
+    needs=("base",),
+))
+register(Method(
+    name="dare-ties", verb="merge", config_class=DareTiesConfig, build=merge_dare_ties,
+    paper="Yu et al. 2024, arXiv 2311.03099 (DARE)",
+    summary="drop task-vector entries at random (keep probability = density), rescale, TIES sign election",
+    needs=("base",),
+))
