@@ -161,7 +161,7 @@ def test_options_through_the_registry():
     assert method.make_config({"lambda_": 0.2}).lambda_ == 0.2
     defaults = method.make_config(None)
     assert (defaults.lambda_, defaults.temperature, defaults.initial_logit) == (0.3, 0.5, 0.0)
-    assert (defaults.objective, defaults.export, defaults.targets) == ("lm", "binary", None)
+    assert (defaults.objective, defaults.export, defaults.targets) == ("lm", "continuous", None)
     for options in ({"temperature": 0}, {"temperature": -1.0}, {"objective": "bogus"}, {"export": "soft"},
                     {"steps": 0}, {"lr": 0}, {"batch_size": 0}, {"targets": "("}, {"bogus": 1}):
         with pytest.raises(UsageError, match="method 'concrete' option"):

@@ -8,7 +8,7 @@ from subspace_cli import __version__
 
 app = typer.Typer(
     name="subspace",
-    help="Subspace surgery on Hugging Face checkpoints: compress, adapt, merge, inspect, evaluate.",
+    help="Subspace surgery on Hugging Face checkpoints: compress, adapt, merge, unlearn, inspect, evaluate.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -29,9 +29,9 @@ def _root(
 
 
 def _register() -> None:
-    from subspace_cli.cli import adapt, compress, evaluate, inspect, merge, methods, run
+    from subspace_cli.cli import adapt, compress, evaluate, inspect, merge, methods, run, unlearn
 
-    for module in (compress, adapt, merge, inspect, evaluate, run, methods):
+    for module in (compress, adapt, merge, unlearn, inspect, evaluate, run, methods):
         module.register(app)
 
 

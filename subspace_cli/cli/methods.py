@@ -19,7 +19,7 @@ def methods(
         from subspace_cli.methods.registry import methods_for
 
         catalogue = []
-        for verb in ("compress", "adapt", "merge"):
+        for verb in ("compress", "adapt", "merge", "unlearn"):
             for m in methods_for(verb).values():
                 if name and m.name != name:
                     continue

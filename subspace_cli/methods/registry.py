@@ -63,6 +63,7 @@ def _load_builtin_methods() -> None:
     from subspace_cli.methods.adapt import dora, flora, lora_family, singular  # noqa: F401
     from subspace_cli.methods.merge import concrete, task_arithmetic  # noqa: F401
     from subspace_cli.methods.merge import singular as _merge_singular  # noqa: F401
+    from subspace_cli.methods.unlearn import loss_based, steering  # noqa: F401
 
 
 def methods_for(verb: str) -> dict[str, Method]:

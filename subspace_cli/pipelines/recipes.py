@@ -19,11 +19,14 @@ def _verbs() -> dict[str, tuple[type, Any]]:
     from subspace_cli.pipelines.inspect import InspectConfig, run_inspect
     from subspace_cli.pipelines.merge import run_merge
     from subspace_cli.pipelines.merge_config import MergeConfig
+    from subspace_cli.pipelines.unlearn import run_unlearn
+    from subspace_cli.pipelines.unlearn_config import UnlearnConfig
 
     return {
         "compress": (CompressConfig, run_compress),
         "adapt": (AdaptConfig, run_adapt),
         "merge": (MergeConfig, run_merge),
+        "unlearn": (UnlearnConfig, run_unlearn),
         "eval": (EvalConfig, run_eval),
         "inspect": (InspectConfig, run_inspect),
     }

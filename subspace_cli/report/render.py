@@ -35,6 +35,8 @@ def to_markdown(report: Report) -> str:
         lines += _training_section(report)
     if report.merge:
         lines += _merge_section(report.merge)
+    if report.unlearn:
+        lines += _unlearn_section(report.unlearn)
     lines += ["## Time and memory", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report.timings_s.items()]
     lines += ["", f"Peak RSS: {report.peak_rss_mb:.0f} MiB" + (
@@ -63,6 +65,22 @@ def _training_section(report: Report) -> list[str]:
         lines += [f"{len(report.adapters)} adapted layers, exported as LoRA of rank {', '.join(map(str, ranks))}; "
                   f"the curve is in training_curve.png.", ""]
     return lines
+
+
+def _unlearn_section(u) -> list[str]:
+    lines = ["## Unlearning", "", f"Steered / reference layer: {u.layer}. Membership-inference AUC (forget rows "
+             f"against held-out forget rows, 0.5 = indistinguishable): {_fmt(u.mia_auc_before)} before, "
+             f"{_fmt(u.mia_auc_after)} after.", ""]
+    for key, value in u.diagnostics.items():
+        if key != "layer":
+            lines.append(f"- {key}: {value}")
+    lines += ["", f"{len(u.changed)} tensors changed ({u.unchanged} bitwise unchanged); targeted: {len(u.targeted)}.", "",
+              "| tensor | relative change |", "|---|---:|"]
+    lines += [f"| {c.name} | {c.rel_change:.3e} |" for c in u.changed]
+    if u.losses:
+        last = u.losses[-1]
+        lines += ["", "Final step: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items())]
+    return lines + [""]
 
 
 def _merge_section(merge) -> list[str]:

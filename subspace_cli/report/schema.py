@@ -88,6 +88,22 @@ class MergeReport(BaseModel):
     mask_losses: list[float] = Field(default_factory=list, description="concrete: the objective per training step")
 
 
+class ChangedTensor(BaseModel):
+    name: str
+    rel_change: float = Field(description="‖W′ − W‖_F / ‖W‖_F")
+
+
+class UnlearnReport(BaseModel):
+    layer: int
+    targeted: list[str] = Field(description="weights the method was allowed to change")
+    changed: list[ChangedTensor] = Field(default_factory=list, description="every tensor that differs from the input checkpoint")
+    unchanged: int = Field(0, description="tensors bitwise identical to the input checkpoint")
+    mia_auc_before: float | None = Field(None, description="loss-based membership AUC, forget rows vs held-out forget rows")
+    mia_auc_after: float | None = None
+    losses: list[dict[str, float]] = Field(default_factory=list, description="per step: step, loss and its parts")
+    diagnostics: dict[str, Any] = Field(default_factory=dict, description="method-specific: steering coefficient, SAE fit, features")
+
+
 class Report(BaseModel):
     schema_version: int = SCHEMA_VERSION
     tool_version: str
@@ -106,10 +122,12 @@ class Report(BaseModel):
     training: TrainingReport | None = None  # adapt
     adapters: list[AdapterLayerReport] = Field(default_factory=list)  # adapt
     merge: MergeReport | None = None  # merge
+    unlearn: UnlearnReport | None = None  # unlearn
 
     def summary(self) -> dict[str, Any]:
         """The one-object `--json` summary: everything but the per-matrix table."""
         data = self.model_dump(mode="json", exclude={"matrices": True, "adapters": True, "training": {"curve"},
-                                                             "merge": {"tensors", "mask_losses"}})
+                                                             "merge": {"tensors", "mask_losses"},
+                                                             "unlearn": {"losses"}})
         data["ok"] = True
         return data

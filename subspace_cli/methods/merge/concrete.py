@@ -57,13 +57,14 @@ class ConcreteConfig(MethodConfig):
         description="initial mask logit ℓ for every entry (0: keep probability 1/2)")
     steps: int = Field(50, ge=1, description="Adam steps on the mask logits")
     lr: float = Field(
-        0.05, gt=0, allow_inf_nan=False,
-        description="Adam learning rate on the mask logits (large because the step count is small)")
+        1e-3, gt=0, allow_inf_nan=False,
+        description="Adam learning rate on the mask logits (the authors'; 0.05 with binary export made SmolLM2 merges "
+                    "worse than the base, benchmarks/RESULTS.md)")
     batch_size: int = Field(4, ge=1, description="rows of each task's data per step")
     objective: Literal["lm", "entropy"] = Field(
         "lm", description="lm: next-token cross-entropy on the task data; entropy: mean prediction entropy")
     export: Literal["binary", "continuous"] = Field(
-        "binary", description="exported mask: binary 1[ℓ > 0] or continuous sigmoid(ℓ), then m / mean(m)")
+        "continuous", description="exported mask: binary 1[ℓ > 0] or continuous sigmoid(ℓ), then m / mean(m)")
     targets: str | None = Field(
         None, description="regex (re.search) on parameter names the mask covers; "
                           "default: every 2-D weight in the decoder blocks")

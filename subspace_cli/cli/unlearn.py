@@ -1,0 +1,57 @@
+"""`subspace unlearn MODEL --method M --forget F --retain R --out DIR`: remove knowledge, keep the rest."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from subspace_cli.cli.common import parse_options, run_command
+from subspace_cli.cli.options import config_from_cli, field_argument, field_option
+from subspace_cli.pipelines.unlearn_config import UnlearnConfig as C
+
+
+def unlearn(
+    model: str = field_argument(C, "model"),
+    out: str = field_option(C, "out", "--out", "-o", default=...),
+    method: str = field_option(C, "method"),
+    option: Optional[List[str]] = typer.Option(None, "--option", "-O", help=C.model_fields["options"].description),
+    forget: str = field_option(C, "forget", default=...),
+    retain: str = field_option(C, "retain", default=...),
+    eval_forget: Optional[str] = field_option(C, "eval_forget"),
+    eval_retain: Optional[str] = field_option(C, "eval_retain"),
+    forget_samples: int = field_option(C, "forget_samples"),
+    retain_samples: int = field_option(C, "retain_samples"),
+    seqlen: int = field_option(C, "seqlen"),
+    eval_seqlen: int = field_option(C, "eval_seqlen"),
+    eval_chars: int = field_option(C, "eval_chars"),
+    batch_size: int = field_option(C, "batch_size"),
+    shard_size: str = field_option(C, "shard_size"),
+    overwrite: bool = field_option(C, "overwrite"),
+    device: str = field_option(C, "device"),
+    dtype: str = field_option(C, "dtype"),
+    seed: int = field_option(C, "seed"),
+    allow_pickle: bool = field_option(C, "allow_pickle"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON summary on stdout"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or info logs"),
+) -> None:
+    """Remove what MODEL knows of the forget data while keeping its behaviour on the retain data."""
+    values = {k: v for k, v in locals().items() if k in C.model_fields}
+
+    def go():
+        from subspace_cli.pipelines.unlearn import run_unlearn
+
+        values["options"] = parse_options(option)
+        return run_unlearn(config_from_cli(C, values))
+
+    run_command(go, as_json=json_out, quiet=quiet, render=_render)
+
+
+def _render(report) -> None:
+    from subspace_cli.report.render import print_report
+
+    print_report(report)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("unlearn")(unlearn)

@@ -1,0 +1,186 @@
+"""The unlearn verb: load -> forget / retain data -> score before -> train the targeted weights -> score after -> write.
+
+Only the weights a method targets can change: every other parameter is frozen, and the report
+lists each tensor that differs from the input checkpoint (read back lazily, one tensor at a
+time) with its relative Frobenius change.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from subspace_cli import __version__
+from subspace_cli.errors import RuntimeFailure, UsageError
+from subspace_cli.evaluate.membership import membership_auc
+from subspace_cli.evaluate.perplexity import is_causal_lm, perplexity
+from subspace_cli.io import data as text_data
+from subspace_cli.io.checkpoint import atomic_output_dir, check_output_dir, write_checkpoint
+from subspace_cli.io.models import load_model_and_tokenizer
+from subspace_cli.methods.registry import get_method
+from subspace_cli.methods.unlearn.base import UnlearnData
+from subspace_cli.pipelines.progress import progress_bar
+from subspace_cli.pipelines.unlearn_config import UnlearnConfig
+from subspace_cli.report.render import write_outputs
+from subspace_cli.report.resources import StageTimer, peak_device_mb, peak_rss_mb
+from subspace_cli.report.schema import ChangedTensor, PerplexityReport, Report, UnlearnReport
+
+log = logging.getLogger(__name__)
+
+
+def validate(config: UnlearnConfig):
+    """Everything checkable before loading weights, so bad input fails fast with exit 2."""
+    method = get_method("unlearn", config.method)
+    method_config = method.make_config(config.options)
+    if config.forget == config.retain:
+        log.warning("--forget and --retain are the same source")
+        raise UsageError(f"--forget and --retain are both '{config.forget}': there is nothing to keep apart; "
+                         "pass different data")
+    check_output_dir(Path(config.out), config.overwrite)
+    return method, method_config
+
+
+def _read(spec: str, flag: str) -> str:
+    try:
+        text = text_data.load_text(spec)
+    except UsageError as exc:
+        if "is empty" in str(exc):
+            raise UsageError(f"{flag} '{spec}' is empty: the {flag.removeprefix('--')} set has no text") from None
+        raise
+    if not text.strip():
+        raise UsageError(f"{flag} '{spec}' is empty: the {flag.removeprefix('--')} set has no text")
+    return text
+
+
+class _Sets:
+    """Training rows, held-out perplexity windows and membership windows of both sets."""
+
+    def __init__(self, config: UnlearnConfig, tokenizer):
+        forget_text, retain_text = _read(config.forget, "--forget"), _read(config.retain, "--retain")
+        if forget_text == retain_text:
+            log.warning("--forget and --retain hold the same text")
+            raise UsageError("--forget and --retain hold the same text: there is nothing to keep apart; pass different data")
+        forget_pool, forget_held = text_data.split_holdout(forget_text)
+        retain_pool, retain_held = text_data.split_holdout(retain_text)
+        if config.eval_forget:
+            forget_held = _read(config.eval_forget, "--eval-forget")
+        if config.eval_retain:
+            retain_held = _read(config.eval_retain, "--eval-retain")
+        self.train = UnlearnData(
+            forget=text_data.sample_calibration(tokenizer, forget_pool, config.forget_samples, config.seqlen, config.seed),
+            retain=text_data.sample_calibration(tokenizer, retain_pool, config.retain_samples, config.seqlen, config.seed + 1))
+        self.forget_eval = text_data.eval_windows(tokenizer, forget_held, config.eval_seqlen, config.eval_chars)
+        self.retain_eval = text_data.eval_windows(tokenizer, retain_held, config.eval_seqlen, config.eval_chars)
+        # Non-members for the membership test: held-out forget text cut like the training rows.
+        self.nonmembers = text_data.eval_windows(tokenizer, forget_held, config.seqlen, None)[: config.forget_samples]
+
+
+def _scores(model, sets: _Sets, config: UnlearnConfig) -> dict[str, float]:
+    return {"forget": perplexity(model, sets.forget_eval, batch_size=config.batch_size)["ppl"],
+            "retain": perplexity(model, sets.retain_eval, batch_size=config.batch_size)["ppl"],
+            "mia": membership_auc(model, sets.train.forget, sets.nonmembers, config.batch_size)}
+
+
+def _rows(step: int, n_rows: int, batch: int, generator_seed: int) -> torch.Tensor:
+    """Row indices of one step: consecutive slices of a seeded permutation per pass over the rows."""
+    per_pass = max(n_rows // batch, 1)
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(generator_seed + step // per_pass))
+    start = (step % per_pass) * batch
+    return order[start:start + batch]
+
+
+def train_plan(plan, method_config, data: UnlearnData, seed: int) -> list[dict[str, float]]:
+    optimizer = torch.optim.AdamW(plan.params, lr=method_config.lr, weight_decay=0.0)
+    curve = []
+    with progress_bar("unlearning", total=method_config.steps) as advance:
+        for step in range(method_config.steps):
+            forget_rows = _rows(step, data.forget.shape[0], method_config.batch_size, seed)
+            retain_rows = _rows(step, data.retain.shape[0], method_config.batch_size, seed + 10**6)
+            loss, parts = plan.loss(forget_rows, retain_rows)
+            if not torch.isfinite(loss):
+                raise RuntimeFailure("unlearn", f"the loss became {float(loss)} at step {step + 1}; lower -O lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            curve.append({"step": step + 1, "loss": float(loss), **parts})
+            advance()
+    optimizer.zero_grad(set_to_none=True)
+    return curve
+
+
+def changed_tensors(model, source_dir: Path) -> tuple[list[ChangedTensor], int, list[str]]:
+    """Tensors of the model that differ from the input checkpoint, read back one at a time."""
+    from subspace_cli.io.lazy_checkpoint import LazyCheckpoint
+
+    changed, unchanged, unknown = [], 0, []
+    with LazyCheckpoint(source_dir) as original:
+        for name, tensor in model.state_dict().items():
+            if name not in original:
+                unknown.append(name)  # tied weights or buffers the file does not hold
+                continue
+            before = original.get(name).to(tensor.dtype)
+            if torch.equal(before, tensor.cpu()):
+                unchanged += 1
+                continue
+            norm = float(before.double().norm())
+            change = float((tensor.cpu().double() - before.double()).norm())
+            changed.append(ChangedTensor(name=name, rel_change=change / norm if norm else math.inf))
+    return changed, unchanged, unknown
+
+
+def run_unlearn(config: UnlearnConfig) -> Report:
+    method, method_config = validate(config)
+    timer = StageTimer()
+    notes: list[str] = []
+    with timer.stage("load"):
+        loaded = load_model_and_tokenizer(config.model, device=config.device, dtype=config.dtype,
+                                          allow_pickle=config.allow_pickle)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if not is_causal_lm(model):
+        raise UsageError(f"{type(model).__name__} is not a causal language model; unlearning needs next-token losses")
+    if tokenizer is None:
+        raise UsageError(f"model '{config.model}' has no tokenizer files; copy them into its directory")
+    with timer.stage("data"):
+        sets = _Sets(config, tokenizer)
+    with timer.stage("eval_before"):
+        before = _scores(model, sets, config)
+    with timer.stage("prepare"):
+        plan = method.build(model, sets.train, method_config, torch.Generator().manual_seed(config.seed))
+    model.train(False)  # no dropout: the steps are deterministic
+    with timer.stage("unlearn"):
+        curve = train_plan(plan, method_config, sets.train, config.seed)
+        plan.finish()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with timer.stage("eval_after"):
+        after = _scores(model, sets, config)
+    with timer.stage("diff"):
+        changed, unchanged, unknown = changed_tensors(model, loaded.path)
+    stray = sorted({c.name for c in changed} - set(plan.targeted))
+    if stray:
+        raise RuntimeFailure("diff", f"tensors outside the method's targets changed: {stray[:5]}")
+    if unknown:
+        notes.append(f"{len(unknown)} tensors are not stored in the input checkpoint (tied or derived): {unknown[:3]}")
+    diagnostics = {k: v for k, v in plan.diagnostics.items() if not isinstance(v, torch.Tensor)}
+    out = Path(config.out)
+    report = Report(
+        tool_version=__version__, verb="unlearn", model=config.model, method=config.method,
+        options=method_config.model_dump(mode="json"),
+        perplexity={name: PerplexityReport(before=before[name], after=after[name], ratio=after[name] / before[name],
+                                           n_tokens=int(windows.numel()))
+                    for name, windows in (("forget", sets.forget_eval), ("retain", sets.retain_eval))},
+        unlearn=UnlearnReport(layer=int(plan.diagnostics["layer"]), targeted=plan.targeted, changed=changed,
+                              unchanged=unchanged, mia_auc_before=before["mia"], mia_auc_after=after["mia"],
+                              losses=curve, diagnostics=diagnostics),
+        notes=notes, output={"path": str(out)})
+    with atomic_output_dir(out, config.overwrite) as tmp:
+        with timer.stage("write"):
+            write_checkpoint(model, tmp, source_dir=loaded.path, max_shard_size=config.shard_size)
+        report.timings_s = timer.seconds
+        report.peak_rss_mb = round(peak_rss_mb(), 1)
+        report.peak_device_mb = peak_device_mb()
+        write_outputs(tmp, report, {"verb": "unlearn", "config": config.model_dump(mode="json")})
+    return report
