@@ -105,7 +105,7 @@ def train_plan(plan, method_config, data: UnlearnData, seed: int) -> list[dict[s
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            curve.append({"step": step + 1, "loss": float(loss), **parts})
+            curve.append({"step": step + 1, "loss": loss.item(), **parts})
             advance()
     optimizer.zero_grad(set_to_none=True)
     return curve
