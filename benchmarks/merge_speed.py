@@ -36,7 +36,8 @@ def make_average(work: Path, base_dir: Path, a: Path, b: Path) -> Path:
     """A third variant: the mean of the two specialists, written like any checkpoint."""
     import shutil
 
-    from subspace_cli.io.lazy_checkpoint import LazyCheckpoint, ShardedWriter
+    from subspace_cli.io.lazy_checkpoint import LazyCheckpoint
+    from subspace_cli.io.sharded_writer import ShardedWriter
 
     out = work / "variant-average"
     if (out / "model.safetensors").is_file():

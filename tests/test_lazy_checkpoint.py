@@ -12,15 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from subspace_cli.errors import UsageError
-from subspace_cli.io.lazy_checkpoint import (
-    LazyCheckpoint,
-    LoraCheckpoint,
-    ShardedWriter,
-    compare_layouts,
-    get_pattern_key,
-    is_lora_adapter,
-    parse_size,
-)
+from subspace_cli.io.lazy_checkpoint import LazyCheckpoint, compare_layouts
+from subspace_cli.io.lora_checkpoint import LoraCheckpoint, get_pattern_key, is_lora_adapter
+from subspace_cli.io.sharded_writer import ShardedWriter, parse_size
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

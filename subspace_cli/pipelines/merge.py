@@ -20,7 +20,9 @@ import torch
 from subspace_cli import __version__
 from subspace_cli.errors import UsageError
 from subspace_cli.io.checkpoint import COPIED_FILES, atomic_output_dir, check_output_dir
-from subspace_cli.io.lazy_checkpoint import LazyCheckpoint, LoraCheckpoint, ShardedWriter, compare_layouts, is_lora_adapter, parse_size
+from subspace_cli.io.lazy_checkpoint import LazyCheckpoint, compare_layouts
+from subspace_cli.io.lora_checkpoint import LoraCheckpoint, is_lora_adapter
+from subspace_cli.io.sharded_writer import ShardedWriter, parse_size
 from subspace_cli.io.models import resolve_model_path
 from subspace_cli.methods.merge.base import TensorInputs, merged_sparsity, task_vector_stats
 from subspace_cli.methods.registry import get_method
