@@ -32,6 +32,7 @@ ADAPT = ["--method", "pissa", "--rank", "16", "--steps", "60", "--batch-size", "
 METHODS = {
     "linear": [],
     "task-arithmetic": [],
+    "task-arithmetic:0.3": ["-O", "lambda=0.3"],  # concrete's inner merge at its λ, without the mask
     "ties": ["--density", "0.5"],
     "dare-ties": ["--density", "0.5"],
     "tsv": [],
@@ -61,20 +62,25 @@ def run_method(method: str, inputs: list[Path]) -> dict:
     evals = [arg for task, source in TASKS.items() for arg in ("--eval", f"{task}={source}")]
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        proc = subspace("merge", *map(str, inputs), "--base", BASE, "--method", method, "--out", f"{tmp}/out",
-                        "--json", "--quiet", *evals, *METHODS[method])
+        proc = subspace("merge", *map(str, inputs), "--base", BASE, "--method", method.split(":")[0],
+                        "--out", f"{tmp}/out", "--json", "--quiet", *evals, *METHODS[method])
         wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{method}: {proc.stderr[-2000:]}")
     summary = json.loads(proc.stdout)
-    return {"method": method, "args": METHODS[method], "adapt": ADAPT, "wall_s": wall,
+    return {"method": method.split(":")[0], "args": METHODS[method], "adapt": ADAPT, "wall_s": wall,
             "timings_s": summary["timings_s"], "peak_rss_mb": summary["peak_rss_mb"],
             "perplexity": summary["merge"]["perplexity"], "normalised": summary["merge"]["normalised"],
             "specialists": summary["merge"]["specialists"]}
 
 
 def table() -> str:
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    latest: dict[tuple, dict] = {}  # a re-measured configuration replaces its earlier row, in first-seen order
+    for line in RESULTS.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            latest[(row["method"], tuple(row["args"]), tuple(row["adapt"]))] = row
+    rows = list(latest.values())
     first = rows[0]
     names = {label: f"specialist: {task}" for task, label in first["specialists"].items()}
     out = ["| model | ppl Shakespeare | ppl KJV | mean ppl / specialist's | merge s | peak RSS MiB |",

@@ -5,9 +5,10 @@
                    `get` reads only the tensor asked for.
   compare_layouts  checks from the headers alone that several checkpoints share one layout.
 
-Neighbours: io/lora_checkpoint.py (a base plus a PEFT LoRA adapter, read as merged) and
-io/sharded_writer.py (the streaming writer). Peak memory is bounded by one tensor per reader, so
-models larger than RAM can be merged. Pickle (.bin) weights are refused: they can run
+Neighbours: io/safetensors_file.py (the per-tensor file reads), io/lora_checkpoint.py (a base plus
+a PEFT LoRA adapter, read as merged) and io/sharded_writer.py (the streaming writer). Tensors are
+read with plain file reads, not memory maps, so the resident set holds only the tensors in hand
+and models larger than RAM can be merged. Pickle (.bin) weights are refused: they can run
 code when loaded and cannot be read lazily.
 """
 
@@ -20,29 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from subspace_cli.errors import UsageError
+from subspace_cli.io.safetensors_file import SafetensorsFile
 from subspace_cli.io.sharded_writer import SAFE_INDEX, SAFE_SINGLE
-
-# safetensors header dtype strings -> torch dtypes; the exotic ones only where torch has them.
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "C64": torch.complex64,
-}
-for _code, _attr in (("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"),
-                     ("F8_E4M3", "float8_e4m3fn"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
-                     ("F8_E5M2", "float8_e5m2"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
-                     ("F8_E8M0", "float8_e8m0fnu"), ("F4", "float4_e2m1fn_x2")):
-    if hasattr(torch, _attr):
-        _DTYPES[_code] = getattr(torch, _attr)
-del _code, _attr
-
-
-def _torch_dtype(code: str, name: str, file: Path) -> torch.dtype:
-    try:
-        return _DTYPES[code]
-    except KeyError:
-        raise UsageError(f"tensor '{name}' in '{file}' has dtype {code}, which this torch "
-                         f"{torch.__version__} cannot represent") from None
 
 
 def _read_json(path: Path) -> Any:
@@ -50,15 +30,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UsageError(f"cannot read '{path}': {err}") from err
-
-
-def _open_safetensors(file: Path):
-    from safetensors import safe_open
-
-    try:
-        return safe_open(str(file), framework="pt")
-    except Exception as err:  # safetensors raises SafetensorError / OSError for bad headers
-        raise UsageError(f"corrupt or unreadable safetensors file '{file}': {err}") from err
 
 
 @runtime_checkable
@@ -92,7 +63,7 @@ class LazyCheckpoint:
             raise UsageError(f"model directory '{self.path}' {what}")
         self._file_of = self._locate_tensors()
         self._names = sorted(self._file_of)
-        self._handles: dict[Path, Any] = {}
+        self._handles: dict[Path, SafetensorsFile] = {}
         self._config: dict | None = None
 
     def _locate_tensors(self) -> dict[str, Path]:
@@ -108,7 +79,7 @@ class LazyCheckpoint:
                     raise UsageError(f"weight file '{shard}' listed in '{index}' is missing")
             return file_of
         if single.is_file():
-            with _open_safetensors(single) as handle:
+            with SafetensorsFile(single) as handle:
                 return {name: single for name in handle.keys()}
         if any(self.path.glob("model-*.safetensors")):
             raise UsageError(f"'{self.path}' has sharded model-*.safetensors files but no {SAFE_INDEX}; "
@@ -121,14 +92,16 @@ class LazyCheckpoint:
                 "safetensors)")
         raise UsageError(f"'{self.path}' has no weights ({SAFE_SINGLE} or {SAFE_INDEX} with its shards)")
 
-    def _handle(self, name: str):
+    def _handle(self, name: str) -> tuple[SafetensorsFile, Path]:
         try:
             file = self._file_of[name]
         except KeyError:
             raise KeyError(f"tensor '{name}' is not in checkpoint '{self.path}'") from None
         handle = self._handles.get(file)
         if handle is None:
-            handle = self._handles[file] = _open_safetensors(file)
+            handle = self._handles[file] = SafetensorsFile(file)
+        if name not in handle.entries:
+            raise UsageError(f"tensor '{name}' listed for '{file}' is not in that file")
         return handle, file
 
     def names(self) -> list[str]:
@@ -142,30 +115,16 @@ class LazyCheckpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """From the file header; the tensor is not read."""
-        handle, file = self._handle(name)
-        try:
-            return tuple(int(d) for d in handle.get_slice(name).get_shape())
-        except Exception as err:
-            raise UsageError(f"tensor '{name}' listed for '{file}' cannot be read from it: {err}") from err
+        return self._handle(name)[0].shape(name)
 
     def dtype(self, name: str) -> torch.dtype:
         """From the file header; the tensor is not read."""
-        handle, file = self._handle(name)
-        try:
-            code = handle.get_slice(name).get_dtype()
-        except Exception as err:
-            raise UsageError(f"tensor '{name}' listed for '{file}' cannot be read from it: {err}") from err
-        return _torch_dtype(code, name, file)
+        return self._handle(name)[0].dtype(name)
 
     def get(self, name: str) -> torch.Tensor:
-        """Read this one tensor: a CPU tensor in its stored dtype, owned by the caller."""
-        handle, file = self._handle(name)
-        try:
-            # safe_open hands out views of one copy-on-write mapping per handle: an in-place edit of
-            # one would show up in every later read of that tensor. The copy makes it the caller's.
-            return handle.get_tensor(name).clone()
-        except Exception as err:
-            raise UsageError(f"tensor '{name}' listed for '{file}' cannot be read from it: {err}") from err
+        """Read this one tensor: a CPU tensor in its stored dtype, owned by the caller (a plain file
+        read, so the resident set holds only the tensors in hand; see io/safetensors_file.py)."""
+        return self._handle(name)[0].read(name)
 
     @property
     def config(self) -> dict:
@@ -178,7 +137,7 @@ class LazyCheckpoint:
 
     def close(self) -> None:
         for handle in self._handles.values():
-            handle.__exit__(None, None, None)
+            handle.close()
         self._handles.clear()
 
     def __enter__(self) -> LazyCheckpoint:

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from subspace_cli.errors import UsageError
-from subspace_cli.io.lazy_checkpoint import LazyCheckpoint, _open_safetensors, _read_json
+from subspace_cli.io.lazy_checkpoint import LazyCheckpoint, _read_json
+from subspace_cli.io.safetensors_file import SafetensorsFile
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class LoraCheckpoint:
                     "safetensors only. Convert it once: load it with PeftModel.from_pretrained and save it with "
                     "save_pretrained(new_dir, safe_serialization=True)")
             raise UsageError(f"adapter '{self.adapter_dir}' has no {ADAPTER_WEIGHTS}")
-        self._handle = _open_safetensors(weights)
+        self._handle = SafetensorsFile(weights)
         self._replace: dict[str, str] = {}  # base name -> adapter key of its full replacement
         self._terms: dict[str, list[_LoraTerm]] = {}  # base name -> its LoRA updates
         try:
@@ -154,7 +155,7 @@ class LoraCheckpoint:
     # -- key mapping, all from headers
 
     def _adapter_shape(self, key: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in self._handle.get_slice(key).get_shape())
+        return self._handle.shape(key)
 
     def _base_name(self, name: str) -> str | None:
         """The base tensor an adapter-side name refers to, or None. PEFT names follow the module tree,
@@ -305,7 +306,7 @@ class LoraCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         dtype = self.base.dtype(name)
         if name in self._replace:
-            tensor = self._handle.get_tensor(self._replace[name]).clone()  # owned, see LazyCheckpoint.get
+            tensor = self._handle.read(self._replace[name])  # a fresh tensor, owned here
         else:
             tensor = self.base.get(name)
         terms = self._terms.get(name)
@@ -319,10 +320,10 @@ class LoraCheckpoint:
 
     def _delta(self, term: _LoraTerm) -> torch.Tensor:
         # Same operation order as PEFT's get_delta_weight, in float32.
-        b = self._handle.get_tensor(term.b_key).to(torch.float32)
+        b = self._handle.read(term.b_key).to(torch.float32)
         if term.kind == "bias":
             return b * term.scaling
-        a = self._handle.get_tensor(term.a_key).to(torch.float32)
+        a = self._handle.read(term.a_key).to(torch.float32)
         delta = b @ a
         if term.transpose:
             delta = delta.T
@@ -331,7 +332,7 @@ class LoraCheckpoint:
     def close(self) -> None:
         """Close the adapter file; the base stays open (it may be shared)."""
         if self._handle is not None:
-            self._handle.__exit__(None, None, None)
+            self._handle.close()
             self._handle = None
 
     def __enter__(self) -> LoraCheckpoint:

@@ -1,5 +1,8 @@
 """Writing tensors one at a time into sharded safetensors, named and indexed like transformers does.
 
+ShardedWriter buffers up to one shard and saves it with safetensors; io/planned_writer.py streams
+each tensor straight to disk when the whole layout is known in advance (merging).
+
 `parse_size` reads shard limits ("2GB", "500MB", "1.5GiB") as transformers' convert_file_size_to_int.
 """
 
@@ -64,6 +67,23 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def name_shards(out_dir: Path, written: list[tuple[Path, list[str]]], total_bytes: int) -> dict:
+    """Rename temporary shards to their final names (`model.safetensors` alone, or
+    `model-0000i-of-0000N.safetensors`) and write the index when sharded; returns
+    {"shards", "total_bytes", "tensors"}."""
+    count = len(written)
+    names = ([SAFE_SINGLE] if count == 1 else
+             [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)])
+    weight_map: dict[str, str] = {}
+    for (tmp, tensor_names), final in zip(written, names):
+        os.replace(tmp, out_dir / final)
+        weight_map.update({n: final for n in tensor_names})
+    if count > 1:
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return {"shards": names, "total_bytes": total_bytes, "tensors": len(weight_map)}
+
+
 class ShardedWriter:
     """Write tensors one at a time into safetensors shards, transformers-style.
 
@@ -123,17 +143,7 @@ class ShardedWriter:
             raise ValueError("ShardedWriter.finish: no tensors were added")
         self._flush()
         self._finished = True
-        count = len(self._written)
-        names = ([SAFE_SINGLE] if count == 1 else
-                 [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)])
-        weight_map: dict[str, str] = {}
-        for (tmp, tensor_names), final in zip(self._written, names):
-            os.replace(tmp, self.out_dir / final)
-            weight_map.update({n: final for n in tensor_names})
-        if count > 1:
-            index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        return {"shards": names, "total_bytes": self._total, "tensors": len(weight_map)}
+        return name_shards(self.out_dir, self._written, self._total)
 
     def abort(self) -> None:
         """Delete the temporary shards of an unfinished write."""

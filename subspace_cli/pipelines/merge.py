@@ -1,8 +1,9 @@
 """The merge verb: open inputs lazily -> check layouts -> merge tensor by tensor -> write shards -> report.
 
 Every method but `concrete` streams: one tensor name at a time, the base and the N inputs are
-read from their safetensors files, merged in float32 and appended to the sharded writer, so peak
-memory is about N + 2 tensors plus one output shard. `concrete` trains a mask over the targeted
+read from their safetensors files (plain reads, no memory maps), merged in float32 and written
+straight to the output shards (their layout is the base's, known before the first tensor), so peak
+memory is about N + 2 tensors plus the method's working copies. `concrete` trains a mask over the targeted
 tensors with the base model in memory (methods/merge/concrete.py), then streams the rest.
 """
 
@@ -22,7 +23,8 @@ from subspace_cli.errors import UsageError
 from subspace_cli.io.checkpoint import COPIED_FILES, atomic_output_dir, check_output_dir
 from subspace_cli.io.lazy_checkpoint import LazyCheckpoint, compare_layouts
 from subspace_cli.io.lora_checkpoint import LoraCheckpoint, is_lora_adapter
-from subspace_cli.io.sharded_writer import ShardedWriter, parse_size
+from subspace_cli.io.planned_writer import PlannedShardWriter, TensorSpec
+from subspace_cli.io.sharded_writer import parse_size
 from subspace_cli.io.models import resolve_model_path
 from subspace_cli.methods.merge.base import TensorInputs, merged_sparsity, task_vector_stats
 from subspace_cli.methods.registry import get_method
@@ -105,22 +107,34 @@ def _model_dir(checkpoint) -> Path:
     return Path(getattr(checkpoint, "path", None) or checkpoint.base.path)
 
 
-def check_vocabularies(reference, reference_label: str, others: list, labels: list[str]) -> None:
-    """Same tokens with the same ids everywhere (shapes alone miss a reordered vocabulary)."""
-    from transformers import AutoTokenizer
+_VOCAB_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "merges.txt", "added_tokens.json")
 
+
+def _tokenizer_files(directory: Path) -> dict[str, bytes]:
+    return {name: (directory / name).read_bytes() for name in _VOCAB_FILES if (directory / name).is_file()}
+
+
+def check_vocabularies(reference, reference_label: str, others: list, labels: list[str]) -> None:
+    """Same tokens with the same ids everywhere (shapes alone miss a reordered vocabulary). Tokenizers
+    are loaded only where the vocabulary files are not byte-identical to the reference's."""
     def vocab(checkpoint):
+        from transformers import AutoTokenizer
+
         directory = _model_dir(checkpoint)
-        if not any((directory / name).is_file() for name in ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model")):
+        if not any((directory / name).is_file() for name in _VOCAB_FILES[:4]):
             return None
         return AutoTokenizer.from_pretrained(directory).get_vocab()
 
-    wanted = vocab(reference)
-    if wanted is None:
+    reference_files = _tokenizer_files(_model_dir(reference))
+    if not any(name in reference_files for name in _VOCAB_FILES[:4]):
         return
+    wanted = None
     for checkpoint, label in zip(others, labels):
         if isinstance(checkpoint, LoraCheckpoint):
             continue  # an adapter uses its base's tokenizer
+        if _tokenizer_files(_model_dir(checkpoint)) == reference_files:
+            continue  # byte-identical vocabulary files: nothing to load
+        wanted = wanted if wanted is not None else vocab(reference)
         got = vocab(checkpoint)
         if got is None or got == wanted:
             continue
@@ -140,7 +154,16 @@ def _tensor_seed(seed: int, name: str) -> int:
 
 
 def _out_dtype(config: MergeConfig, source_dtype: torch.dtype) -> torch.dtype:
-    return source_dtype if config.dtype == "auto" else getattr(torch, config.dtype)
+    """--dtype for floating tensors; integer buffers (position ids, ...) keep theirs."""
+    if config.dtype == "auto" or not source_dtype.is_floating_point:
+        return source_dtype
+    return getattr(torch, config.dtype)
+
+
+def output_layout(config: MergeConfig, reference) -> list[TensorSpec]:
+    """The merged checkpoint's tensors, from the reference's headers: written in this order."""
+    return [TensorSpec(name, reference.shape(name), _out_dtype(config, reference.dtype(name)))
+            for name in reference.names()]
 
 
 def _record(name: str, merged: torch.Tensor, base: torch.Tensor | None, models: list[torch.Tensor],
@@ -151,7 +174,7 @@ def _record(name: str, merged: torch.Tensor, base: torch.Tensor | None, models: 
                              sign_conflict=task_vector_stats(base, models)["sign_conflict"], mask_density=mask_density)
 
 
-def stream_merge(config: MergeConfig, method, method_config, base, inputs, weights, densities, writer: ShardedWriter,
+def stream_merge(config: MergeConfig, method, method_config, base, inputs, weights, densities, writer: PlannedShardWriter,
                  replaced: dict[str, torch.Tensor] | None = None, mask_density: dict[str, float] | None = None,
                  ) -> list[MergeTensorReport]:
     """Merge every tensor name of the reference checkpoint; `replaced` holds tensors merged already (concrete)."""
@@ -326,8 +349,8 @@ def run_merge(config: MergeConfig) -> Report:
             method_config = method.make_config({"lambda": method_config.lambda_})
         out = Path(config.out)
         with atomic_output_dir(out, config.overwrite) as tmp:
-            writer = ShardedWriter(tmp, parse_size(config.shard_size))
-            with timer.stage("merge"):
+            layout = output_layout(config, reference)
+            with timer.stage("merge"), PlannedShardWriter(tmp, parse_size(config.shard_size), layout) as writer:
                 merge.tensors = stream_merge(config, method, method_config, base, inputs, weights, densities, writer,
                                              replaced, density)
                 shards = writer.finish()

@@ -43,25 +43,28 @@ def task_vector_stats(base: torch.Tensor, models: list[torch.Tensor]) -> dict:
     """Sign disagreement between the task vectors of one tensor.
 
     sign_conflict: among entries where at least two Δᵢ are nonzero, the fraction where two of them have
-    opposite signs (0.0 when no entry has two nonzero Δᵢ). One pass per model; counts are [*shape] int32.
+    opposite signs (0.0 when no entry has two nonzero Δᵢ). Δᵢ > 0 is θᵢ > θ₀ for finite floats (gradual
+    underflow keeps a difference of unequal floats nonzero), so no Δᵢ is formed; counts are [*shape] int16.
     """
     base = fp32(base)
-    positive = torch.zeros(base.shape, dtype=torch.int32, device=base.device)
+    counter = torch.int16 if len(models) < 2**15 else torch.int32
+    positive = torch.zeros(base.shape, dtype=counter, device=base.device)
     negative = torch.zeros_like(positive)
     for model in models:
-        delta = fp32(model) - base
-        positive += delta > 0
-        negative += delta < 0
+        model = fp32(model)
+        positive += model > base
+        negative += model < base
     eligible = int(((positive + negative) >= 2).sum())
     conflicting = int(((positive > 0) & (negative > 0)).sum())  # implies ≥ 2 nonzero
     return {"sign_conflict": conflicting / eligible if eligible else 0.0}
 
 
 def merged_sparsity(base: torch.Tensor, merged: torch.Tensor) -> float:
-    """Fraction of entries where the merged task vector merged − θ₀ is exactly zero (0.0 for empty tensors)."""
+    """Fraction of entries where the merged task vector merged − θ₀ is exactly zero, i.e. merged == θ₀
+    for finite floats (0.0 for empty tensors)."""
     if merged.numel() == 0:
         return 0.0
-    return float((fp32(merged) - fp32(base)).eq(0).float().mean())
+    return int(fp32(merged).eq(fp32(base)).sum()) / merged.numel()
 
 
 def apply_update(base: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:

@@ -15,7 +15,8 @@ Edge cases, as mergekit 0.1.5 computes them:
   `linear` has no such guard: Σ wᵢ = 0 with normalize gives inf/NaN (the pipeline rejects non-finite
   tensors).
 - Magnitude trimming keeps k = max(1, int(density·numel)) entries (density ≥ 1: no trimming; ≤ 0: all
-  zero); equal magnitudes are ranked by torch's sort, as in mergekit.
+  zero), found by a linear-time radix select; only when equal nonzero magnitudes straddle the k-th
+  position are they ranked by torch's sort, as in mergekit.
 - `rescale` is mergekit's L1 rescale, not DARE's 1/density: the kept entries are scaled so that
   Σ|kept| = Σ|Δᵢ| (skipped when either sum is < 1e-7). It is the unbiased 1/density in expectation.
   Density ≥ 1 leaves Δᵢ untouched and draws no random numbers.
@@ -32,7 +33,8 @@ from typing import Callable, Literal
 import torch
 from pydantic import ConfigDict, Field
 
-from subspace_cli.methods.merge.base import TensorInputs, apply_update, fp32, task_vectors
+from subspace_cli.linalg.selection import largest_k_mask
+from subspace_cli.methods.merge.base import TensorInputs, apply_update, fp32, require_base
 from subspace_cli.methods.registry import Method, MethodConfig, register
 
 _RESCALE_EPS = 1e-7  # mergekit: no rescale when Σ|Δ| or Σ|kept| is below this
@@ -92,11 +94,15 @@ def magnitude_trim(delta: torch.Tensor, density: float, rescale: bool = False) -
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
-    # A full sort rather than topk: equal magnitudes (common in deltas of bf16 checkpoints) are then
-    # ranked exactly as mergekit ranks them.
-    order = torch.argsort(delta.abs().reshape(-1), descending=True)  # [numel]
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[order[:k]] = 1
+    magnitudes = delta.abs().reshape(-1)  # [numel]
+    mask = largest_k_mask(magnitudes, k)  # linear time; None only when a sort's tie order decides
+    if mask is None:
+        # A full sort, as mergekit ranks: equal nonzero magnitudes across the k-th position (common in
+        # deltas of bf16 checkpoints) are then broken exactly as mergekit breaks them.
+        order = torch.argsort(magnitudes, descending=True)  # [numel]
+        mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
+        mask[order[:k]] = True
+    mask = mask.to(delta.dtype)
     kept = delta * mask.view_as(delta)  # multiplying keeps mergekit's signed zeros
     return l1_rescale(delta, kept) if rescale else kept
 
@@ -114,26 +120,50 @@ def random_drop(delta: torch.Tensor, density: float, rescale: bool, generator: t
 
 
 def elect_sign(weighted: torch.Tensor, consensus: Literal["sum", "count"]) -> torch.Tensor:
-    """[N, *shape] bool: which weighted task-vector entries agree with the elected sign."""
-    sign = weighted.sign()
-    total = weighted.sum(dim=0) if consensus == "sum" else sign.sum(dim=0)  # [*shape]
-    majority = torch.where(total >= 0, 1.0, -1.0).to(weighted.dtype)  # a zero total elects +
-    return sign == majority
+    """[N, *shape] bool: which weighted task-vector entries agree with the elected sign.
+
+    mergekit's sign(x) == majority, without a float sign tensor: agreeing with + is x > 0, with − is
+    x < 0 (zeros and NaNs never agree), and the count vote is #positive − #negative.
+    """
+    positive, negative = weighted > 0, weighted < 0  # [N, *shape] bool each
+    if consensus == "sum":
+        total = weighted.sum(dim=0)  # [*shape]
+    else:
+        total = positive.sum(dim=0) - negative.sum(dim=0)
+    return torch.where(total >= 0, positive, negative)  # a zero total elects +
 
 
-def combine(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float],
+def stack_task_vectors(inputs: TensorInputs, method: str,
+                       sparsify: Callable[[torch.Tensor, float], torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(θ₀, [N, *shape] stacked sparsify(Δᵢ, densityᵢ)), filled one model at a time in model order, so
+    only one unsparsified Δᵢ is alive at once."""
+    base = require_base(inputs, method)
+    stacked = torch.empty((len(inputs.models), *base.shape), dtype=torch.float32, device=base.device)
+    for i, (model, density) in enumerate(zip(inputs.models, inputs.densities)):
+        delta = fp32(model) - base
+        stacked[i] = sparsify(delta, density) if sparsify is not None else delta
+        del delta
+    return base, stacked
+
+
+def combine(base: torch.Tensor, stacked: torch.Tensor, weights: list[float],
             consensus: Literal["sum", "count"] | None, normalize: bool, lambda_: float) -> torch.Tensor:
-    """θ₀ + λ·(Σ wᵢΔᵢ [over agreeing entries]) / divisor: mergekit's generalized task arithmetic."""
-    if not deltas or lambda_ == 0:
+    """θ₀ + λ·(Σ wᵢΔᵢ [over agreeing entries]) / divisor: mergekit's generalized task arithmetic.
+
+    `stacked` [N, *shape] holds the (sparsified) Δᵢ and is overwritten: the products are taken in place,
+    with the same elementwise operations and reduction order as mergekit's out-of-place ones.
+    """
+    if stacked.shape[0] == 0 or lambda_ == 0:
         return base.clone()
-    stacked = torch.stack(deltas)  # [N, *shape]
     w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * base.ndim))  # [N, 1...]
-    stacked = stacked * w
+    stacked.mul_(w)
     if consensus is not None:
-        agree = elect_sign(stacked, consensus)  # [N, *shape]
-        mixed = (stacked * agree).sum(dim=0)
+        agree = elect_sign(stacked, consensus)  # [N, *shape] bool
         divisor = (w * agree).sum(dim=0)
         divisor = torch.where(divisor == 0, 1.0, divisor)
+        mixed = stacked.mul_(agree).sum(dim=0)
+        del agree
     else:
         mixed = stacked.sum(dim=0)
         divisor = w.sum(dim=0)  # [1...]
@@ -157,24 +187,23 @@ def merge_linear(inputs: TensorInputs, config: LinearConfig) -> torch.Tensor:
 
 
 def merge_task_arithmetic(inputs: TensorInputs, config: TaskArithmeticConfig) -> torch.Tensor:
-    base, deltas = task_vectors(inputs, "task-arithmetic")
-    return combine(base, deltas, inputs.weights, None, config.normalize, config.lambda_)
+    base, stacked = stack_task_vectors(inputs, "task-arithmetic")
+    return combine(base, stacked, inputs.weights, None, config.normalize, config.lambda_)
 
 
 def merge_ties(inputs: TensorInputs, config: TiesConfig) -> torch.Tensor:
-    base, deltas = task_vectors(inputs, "ties")
-    trimmed = [magnitude_trim(d, density, config.rescale) for d, density in zip(deltas, inputs.densities)]
-    return combine(base, trimmed, inputs.weights, config.consensus, config.normalize, config.lambda_)
+    base, stacked = stack_task_vectors(
+        inputs, "ties", lambda delta, density: magnitude_trim(delta, density, config.rescale))
+    return combine(base, stacked, inputs.weights, config.consensus, config.normalize, config.lambda_)
 
 
 def _dare(consensus: Callable[[TaskArithmeticConfig], Literal["sum", "count"] | None], name: str):
     def build(inputs: TensorInputs, config: DareLinearConfig) -> torch.Tensor:
-        base, deltas = task_vectors(inputs, name)
         if config.lambda_ == 0:
-            return base.clone()
-        dropped = [random_drop(d, density, config.rescale, inputs.generator)  # in model order: one draw each
-                   for d, density in zip(deltas, inputs.densities)]
-        return combine(base, dropped, inputs.weights, consensus(config), config.normalize, config.lambda_)
+            return require_base(inputs, name).clone()
+        base, stacked = stack_task_vectors(  # in model order: one draw each
+            inputs, name, lambda delta, density: random_drop(delta, density, config.rescale, inputs.generator))
+        return combine(base, stacked, inputs.weights, consensus(config), config.normalize, config.lambda_)
 
     build.__name__ = f"merge_{name.replace('-', '_')}"
     return build
