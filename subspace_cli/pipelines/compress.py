@@ -5,6 +5,10 @@ went through blocks 0..i-1 *after* they were compressed, so every block is fitte
 will receive at inference. One-shot (`sequential=False`) takes all statistics from the dense
 model. Global rank allocation needs every matrix's spectrum before any block is compressed, so
 it first plans ranks from the dense model's (one-shot) statistics, then applies them.
+
+Several processes (`accelerate launch` / `torchrun`, see pipelines/distributed.py): each
+propagates its share of the calibration samples, and every statistic is summed over the
+processes before it is used, so all of them fit the same factors; the main process writes.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from subspace_cli.pipelines.calibration import BlockStream, collect_dense_grams,
 from subspace_cli.pipelines.compress_config import CompressConfig
 from subspace_cli.pipelines.datasets import EvalSet, calibration_ids, evaluation_sets
 from subspace_cli.pipelines.dictionary_layers import Member, compress_group, dictionary_budget, projection_type
-from subspace_cli.pipelines.progress import progress_bar
+from subspace_cli.pipelines.distributed import Processes, current_processes, shared_perplexity
+from subspace_cli.pipelines.progress import progress_bar, set_quiet
 from subspace_cli.report.render import write_outputs
 from subspace_cli.report.resources import StageTimer, peak_device_mb, peak_rss_mb
 from subspace_cli.report.schema import MatrixReport, ParamTotals, PerplexityReport, Report
@@ -54,6 +59,7 @@ class CompressState:
     matrices: list[MatrixReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     fit_seconds: dict[str, float] = field(default_factory=dict)  # dictionary methods: coding / update
+    processes: Processes = field(default_factory=Processes)  # one, unless launched with several
 
 
 def validate(config: CompressConfig) -> tuple[Method, MethodConfig]:
@@ -109,9 +115,12 @@ def plan_ranks(model: nn.Module, config: CompressConfig, state: CompressState, i
     if config.allocation == "uniform":
         specs = [MatrixSpec(n, *reversed(tuple(weight_matrix(m).shape))) for n, m in layers.items()]
         return allocate(specs, config.ratio, "uniform")
-    grams = (collect_dense_grams(model, input_ids[:PLAN_SAMPLES], targets=config.targets, exclude=config.exclude,
-                                 device=config.device, batch_size=config.batch_size)
-             if input_ids is not None else {})
+    grams: dict[str, GramStats] = {}
+    if input_ids is not None:
+        # The first PLAN_SAMPLES of the whole set, split over the processes and summed back.
+        grams = collect_dense_grams(model, state.processes.share(input_ids[:PLAN_SAMPLES]), targets=config.targets,
+                                    exclude=config.exclude, device=config.device, batch_size=config.batch_size)
+        state.processes.sum_stats_(grams)
     specs = []
     for name, module in layers.items():
         weight = weight_matrix(module).detach()
@@ -131,7 +140,8 @@ def compress_model(model: nn.Module, config: CompressConfig, state: CompressStat
     if state.method.fit is not None:
         return compress_dictionary_model(model, config, state, ranks, input_ids)
     blocks = find_blocks(model)
-    stream = BlockStream(model, input_ids, batch_size=config.batch_size, device=config.device) if input_ids is not None else None
+    stream = (BlockStream(model, state.processes.share(input_ids), batch_size=config.batch_size, device=config.device)
+              if input_ids is not None else None)
     with progress_bar("compressing blocks", total=len(blocks)) as advance:
         for i, block in enumerate(blocks.modules):
             layers = block_linears(block, blocks.block_path(i), config.targets, config.exclude)
@@ -140,6 +150,7 @@ def compress_model(model: nn.Module, config: CompressConfig, state: CompressStat
             if stream is not None:
                 with record_inputs(layers, config.device) as stats:
                     outputs = stream.run_block(i)
+                state.processes.sum_stats_(stats)  # this share's sums -> all samples' sums
             for name, module in layers.items():
                 new = compress_layer(module, stats.get(name), ranks[name], state, name)
                 if new is not module:
@@ -161,7 +172,7 @@ def compress_dictionary_model(model: nn.Module, config: CompressConfig, state: C
     """
     blocks = find_blocks(model)
     group_size = state.method_config.group_size
-    stream = BlockStream(model, input_ids, batch_size=config.batch_size, device=config.device)
+    stream = BlockStream(model, state.processes.share(input_ids), batch_size=config.batch_size, device=config.device)
     # K-SVD's per-atom steps are mat-vecs that one core already saturates: fit groups in parallel.
     workers = max(1, torch.get_num_threads())
     with progress_bar("compressing blocks", total=len(blocks)) as advance, ThreadPoolExecutor(workers) as pool:
@@ -174,6 +185,7 @@ def compress_dictionary_model(model: nn.Module, config: CompressConfig, state: C
                 layers = block_linears(blocks.modules[i], blocks.block_path(i), config.targets, config.exclude)
                 with record_inputs(layers, config.device) as stats:
                     stream.advance(stream.run_block(i))
+                state.processes.sum_stats_(stats)
                 for name, module in layers.items():
                     out_f, in_f = weight_matrix(module).shape
                     budget = dictionary_budget(MatrixSpec(name, in_f, out_f), ranks[name], config.ratio, config.allocation)
@@ -197,10 +209,10 @@ def compress_dictionary_model(model: nn.Module, config: CompressConfig, state: C
                 advance()
 
 
-def _perplexities(model, sets: list[EvalSet], config: CompressConfig) -> dict[str, dict]:
-    from subspace_cli.evaluate.perplexity import perplexity
-
-    return {s.name: perplexity(model, s.windows, batch_size=config.batch_size, device=config.device) for s in sets}
+def _perplexities(model, sets: list[EvalSet], config: CompressConfig, processes: Processes) -> dict[str, dict]:
+    """Each process scores its share of the windows; NLL sums and token counts are summed."""
+    return {s.name: shared_perplexity(processes, model, s.windows, batch_size=config.batch_size, device=config.device)
+            for s in sets}
 
 
 def run_compress(config: CompressConfig) -> Report:
@@ -208,43 +220,63 @@ def run_compress(config: CompressConfig) -> Report:
 
 
 def compress_and_write(config: CompressConfig) -> tuple[Report, nn.Module]:
-    """The whole verb; also returns the in-memory compressed model (what was written)."""
+    """The whole verb; also returns the in-memory compressed model (what was written).
+
+    Under a launcher every process runs this with the same config; only the main one writes.
+    """
     method, method_config = validate(config)
+    processes = current_processes(config.device)
+    # `--device cuda` under a launcher is each process's own GPU; report and recipe keep what was asked.
+    work = config.model_copy(update={"device": processes.device(config.device)})
+    if not processes.is_main:
+        set_quiet(True)  # one set of progress bars, the main process's
     torch.manual_seed(config.seed)
     timer = StageTimer()
-    state = CompressState(config=config, method=method, method_config=method_config)
+    state = CompressState(config=work, method=method, method_config=method_config, processes=processes)
     notes = state.notes
 
     with timer.stage("load"):
-        loaded = load_model_and_tokenizer(config.model, device=config.device, dtype=config.dtype,
-                                          allow_pickle=config.allow_pickle)
+        loaded = load_model_and_tokenizer(work.model, device=work.device, dtype=work.dtype,
+                                          allow_pickle=work.allow_pickle)
     model, tokenizer = loaded.model, loaded.tokenizer
     params_before = param_count(model)
 
     input_ids = None
     with timer.stage("data"):
-        if config.calib:
-            input_ids = calibration_ids(config, model, tokenizer)
-        eval_sets = [] if config.skip_eval else evaluation_sets(config, model, tokenizer, notes)
+        if work.calib:
+            # Every process draws the same [calib_samples, calib_seqlen] set; `self` text is sampled
+            # on each, so the main process's copy is the one all of them split.
+            input_ids = processes.broadcast(calibration_ids(work, model, tokenizer))
+        eval_sets = [] if work.skip_eval else evaluation_sets(work, model, tokenizer, notes)
+    if processes.distributed and input_ids is not None:
+        shares = [int(part.shape[0]) for part in torch.tensor_split(input_ids, processes.world)]
+        notes.append(f"calibration split over {processes.world} processes ({'+'.join(map(str, shares))} samples); "
+                     "statistics summed over all of them")
 
     with timer.stage("eval_before"):
-        before = _perplexities(model, eval_sets, config)
+        before = _perplexities(model, eval_sets, work, processes)
 
     with timer.stage("plan"):
-        ranks = plan_ranks(model, config, state, input_ids)
+        ranks = plan_ranks(model, work, state, input_ids)
     with timer.stage("compress"):
-        compress_model(model, config, state, ranks, input_ids)
+        compress_model(model, work, state, ranks, input_ids)
 
     with timer.stage("eval_after"):
-        after = _perplexities(model, eval_sets, config)
+        after = _perplexities(model, eval_sets, work, processes)
 
-    with atomic_output_dir(Path(config.out), config.overwrite) as tmp:
-        with timer.stage("write"):
-            if config.format == "dense":
-                densify_(model)
-            write_checkpoint(model, tmp, source_dir=loaded.path, max_shard_size=config.shard_size)
-        report = _build_report(config, state, model, params_before, before, after, timer, notes)
-        write_outputs(tmp, report, recipe={"verb": "compress", "config": config.model_dump(mode="json")})
+    if not processes.is_main:
+        processes.barrier()  # released once the main process has written (or failed to)
+        return _build_report(config, state, model, params_before, before, after, timer, notes), model
+    try:
+        with atomic_output_dir(Path(config.out), config.overwrite) as tmp:
+            with timer.stage("write"):
+                if config.format == "dense":
+                    densify_(model)
+                write_checkpoint(model, tmp, source_dir=loaded.path, max_shard_size=config.shard_size)
+            report = _build_report(config, state, model, params_before, before, after, timer, notes)
+            write_outputs(tmp, report, recipe={"verb": "compress", "config": config.model_dump(mode="json")})
+    finally:
+        processes.barrier()  # in `finally`: a failed write must not leave the others waiting forever
     return report, model
 
 
