@@ -138,3 +138,35 @@ def test_bad_input_exits_2_and_writes_nothing(tiny_llama, texts, tmp_path, case,
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("launcher", [
+    ["torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "subspace_cli"],
+    # `accelerate launch --cpu` starts a single process (several CPU processes need mpirun); --multi_gpu
+    # starts two plain processes, which open a gloo group for --device cpu.
+    ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "subspace_cli"],
+])
+def test_two_processes_take_the_steps_of_one(tiny_llama, texts, tmp_path, launcher):
+    # Each process takes every other row of a step's batch and the gradients are averaged (gloo on CPU),
+    # so two processes take the steps one process takes, up to float reassociation.
+    forget, retain = texts
+    args = ["unlearn", tiny_llama, "--method", "rmu", "--forget", forget, "--retain", retain, "--json", "--quiet",
+            "--device", "cpu", *FAST]
+    one = cli(*args, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", *launcher, *map(str, args), "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr
+    assert len([line for line in two.stdout.splitlines() if line.startswith("{")]) == 1  # one process prints
+    reports = [json.loads((tmp_path / run / "report.json").read_text()) for run in ("one", "two")]
+    assert any("trained on 2 processes" in note for note in reports[1]["notes"])  # really two
+    assert not any("processes" in note for note in reports[0]["notes"])
+    base, a, b = tensors(tiny_llama), tensors(tmp_path / "one"), tensors(tmp_path / "two")
+    for name in a:
+        assert (a[name] - b[name]).abs().max() <= 1e-6, name  # tolerance for float reassociation
+    assert any(not torch.equal(a[name], base[name]) for name in a)  # the steps did change weights
+    curves = [report["unlearn"]["losses"] for report in reports]
+    assert len(curves[0]) == len(curves[1]) == 3
+    for x, y in zip(*curves):  # the logged loss is the mean over the processes: the one-process loss
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * max(1.0, abs(x["loss"])), (x, y)

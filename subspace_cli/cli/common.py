@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any, Callable
 
 import typer
@@ -61,6 +62,8 @@ def run_command(fn: Callable[[], Any], *, as_json: bool, quiet: bool, render: Ca
     except KeyboardInterrupt:
         typer.echo("interrupted; nothing was written", err=True)
         raise typer.Exit(130)
+    if os.environ.get("RANK", "0") != "0":
+        return result  # under `accelerate launch` / `torchrun` only the first process prints
     if as_json:
         payload = result.summary() if hasattr(result, "summary") else result
         typer.echo(json.dumps(payload, default=str))

@@ -22,6 +22,7 @@ from subspace_cli.io.checkpoint import atomic_output_dir, check_output_dir, writ
 from subspace_cli.io.models import load_model_and_tokenizer
 from subspace_cli.methods.registry import get_method
 from subspace_cli.methods.unlearn.base import UnlearnData
+from subspace_cli.pipelines.distributed import Processes, current_processes
 from subspace_cli.pipelines.progress import progress_bar
 from subspace_cli.pipelines.unlearn_config import UnlearnConfig
 from subspace_cli.report.render import write_outputs
@@ -92,20 +93,36 @@ def _rows(step: int, n_rows: int, batch: int, generator_seed: int) -> torch.Tens
     return order[start:start + batch]
 
 
-def train_plan(plan, method_config, data: UnlearnData, seed: int) -> list[dict[str, float]]:
+def train_plan(plan, method_config, data: UnlearnData, seed: int, processes: Processes = Processes()
+               ) -> list[dict[str, float]]:
+    """AdamW over plan.params. Under `torchrun` / `accelerate launch --multi_gpu` each of the P processes
+    takes every P-th row of the step's batch and the gradients are averaged, so P processes take the
+    same steps as one (to float reassociation): the batch size must divide evenly."""
+    world, rank = processes.world, processes.rank
+    if method_config.batch_size % world:
+        raise UsageError(f"-O batch_size={method_config.batch_size} must be a multiple of the {world} processes: "
+                         "each takes an equal share of every step's rows")
     optimizer = torch.optim.AdamW(plan.params, lr=method_config.lr, weight_decay=0.0)
     curve = []
     with progress_bar("unlearning", total=method_config.steps) as advance:
         for step in range(method_config.steps):
-            forget_rows = _rows(step, data.forget.shape[0], method_config.batch_size, seed)
-            retain_rows = _rows(step, data.retain.shape[0], method_config.batch_size, seed + 10**6)
+            forget_rows = _rows(step, data.forget.shape[0], method_config.batch_size, seed)[rank::world]
+            retain_rows = _rows(step, data.retain.shape[0], method_config.batch_size, seed + 10**6)[rank::world]
             loss, parts = plan.loss(forget_rows, retain_rows)
-            if not torch.isfinite(loss):
-                raise RuntimeFailure("unlearn", f"the loss became {float(loss)} at step {step + 1}; lower -O lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            values = torch.tensor([loss.item(), *parts.values()], dtype=torch.float64)  # [1 + parts]
+            if processes.distributed:
+                for param in plan.params:  # the mean gradient over the processes' equal shares
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
+                    processes.sum_(param.grad).div_(world)
+                values = processes.sum_(values) / world
+            if not math.isfinite(values[0]):
+                raise RuntimeFailure("unlearn", f"the loss became {float(values[0])} at step {step + 1}; lower -O lr")
             optimizer.step()
-            curve.append({"step": step + 1, "loss": loss.item(), **parts})
+            curve.append({"step": step + 1, "loss": float(values[0]),
+                          **{k: float(v) for k, v in zip(parts, values[1:])}})
             advance()
     optimizer.zero_grad(set_to_none=True)
     return curve
@@ -133,10 +150,11 @@ def changed_tensors(model, source_dir: Path) -> tuple[list[ChangedTensor], int, 
 
 def run_unlearn(config: UnlearnConfig) -> Report:
     method, method_config = validate(config)
+    processes = current_processes(config.device)
     timer = StageTimer()
     notes: list[str] = []
     with timer.stage("load"):
-        loaded = load_model_and_tokenizer(config.model, device=config.device, dtype=config.dtype,
+        loaded = load_model_and_tokenizer(config.model, device=processes.device(config.device), dtype=config.dtype,
                                           allow_pickle=config.allow_pickle)
     model, tokenizer = loaded.model, loaded.tokenizer
     if not is_causal_lm(model):
@@ -151,7 +169,9 @@ def run_unlearn(config: UnlearnConfig) -> Report:
         plan = method.build(model, sets.train, method_config, torch.Generator().manual_seed(config.seed))
     model.train(False)  # no dropout: the steps are deterministic
     with timer.stage("unlearn"):
-        curve = train_plan(plan, method_config, sets.train, config.seed)
+        curve = train_plan(plan, method_config, sets.train, config.seed, processes)
+    if processes.distributed:
+        notes.append(f"trained on {processes.world} processes, each taking every {processes.world}th row of a batch")
         plan.finish()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -176,11 +196,13 @@ def run_unlearn(config: UnlearnConfig) -> Report:
                               unchanged=unchanged, mia_auc_before=before["mia"], mia_auc_after=after["mia"],
                               losses=curve, diagnostics=diagnostics),
         notes=notes, output={"path": str(out)})
-    with atomic_output_dir(out, config.overwrite) as tmp:
-        with timer.stage("write"):
-            write_checkpoint(model, tmp, source_dir=loaded.path, max_shard_size=config.shard_size)
-        report.timings_s = timer.seconds
-        report.peak_rss_mb = round(peak_rss_mb(), 1)
-        report.peak_device_mb = peak_device_mb()
-        write_outputs(tmp, report, {"verb": "unlearn", "config": config.model_dump(mode="json")})
+    if processes.is_main:  # under a launcher, one process writes; the others wait for it
+        with atomic_output_dir(out, config.overwrite) as tmp:
+            with timer.stage("write"):
+                write_checkpoint(model, tmp, source_dir=loaded.path, max_shard_size=config.shard_size)
+            report.timings_s = timer.seconds
+            report.peak_rss_mb = round(peak_rss_mb(), 1)
+            report.peak_device_mb = peak_device_mb()
+            write_outputs(tmp, report, {"verb": "unlearn", "config": config.model_dump(mode="json")})
+    processes.barrier()
     return report

@@ -23,6 +23,7 @@ class GradientAscentConfig(UnlearnConfig):
 
 class GradDiffConfig(UnlearnConfig):
     retain_weight: float = Field(1.0, ge=0, description="weight w of the retain cross-entropy")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate (the retain term allows a larger one than ga's)")
 
 
 def build_ga(model, data: UnlearnData, config: GradientAscentConfig, generator: torch.Generator) -> UnlearnPlan:
