@@ -84,3 +84,15 @@ def write_text(path: Path, text: str = TEXT) -> Path:
     path = Path(path)
     path.write_text(text)
     return path
+
+
+def perturbed_copy(base: Path, out: Path, seed: int, scale: float = 0.05) -> Path:
+    """A 'fine-tuned' copy of a tiny model: every tensor plus seeded noise (merge inputs)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+    return _save(model, Path(out))

@@ -29,9 +29,9 @@ def _root(
 
 
 def _register() -> None:
-    from subspace_cli.cli import adapt, compress, evaluate, inspect, merge, methods, run, unlearn
+    from subspace_cli.cli import adapt, compress, evaluate, inspect, merge, methods, run, schema, unlearn
 
-    for module in (compress, adapt, merge, unlearn, inspect, evaluate, run, methods):
+    for module in (compress, adapt, merge, unlearn, inspect, evaluate, run, schema, methods):
         module.register(app)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from subspace_cli.errors import UsageError
 from subspace_cli.pipelines.compress_config import RunOptions
@@ -30,6 +30,12 @@ class EvalConfig(RunOptions):
     split: Literal["heldout", "all"] = Field("heldout", description="heldout: the last 5% of the data (never used for calibration); all: the whole text")
     fail_if: list[str] = Field(default_factory=list, description="quality gate 'FIELD OP VALUE', e.g. 'ppl_ratio>1.5'; repeatable; exit 1 if any holds")
     batch_size: int = Field(8, ge=1, description="windows per forward pass")
+
+    @field_validator("fail_if", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        # A recipe may write a single gate as a plain string; the CLI always passes a list.
+        return [value] if isinstance(value, str) else value
 
 
 def validate(config: EvalConfig):

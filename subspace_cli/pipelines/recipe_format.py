@@ -1,0 +1,91 @@
+"""The two recipe forms, declared once (validation here, JSON Schema in recipe_schema.py).
+
+Single step, as every output's recipe.yaml:   {verb: NAME, config: {...}}
+Pipeline, steps run in order:                 {vars: {...}, steps: [{name, verb, config}, ...]}
+
+Importing this module must not import torch: `subspace run --dry-run` and `subspace schema`
+only need the verbs' config classes, which live in torch-free modules.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from subspace_cli.errors import UsageError
+
+VERBS = ("compress", "adapt", "merge", "unlearn", "eval", "inspect")
+Verb = Literal["compress", "adapt", "merge", "unlearn", "eval", "inspect"]
+# Names appear inside `${NAME}` and `${STEP.FIELD}`, so no dots or braces.
+NAME = r"^[A-Za-z_][A-Za-z0-9_-]*$"
+
+
+def config_classes() -> dict[str, type[BaseModel]]:
+    """verb -> its pydantic config class (torch-free imports only)."""
+    from subspace_cli.pipelines.adapt_config import AdaptConfig
+    from subspace_cli.pipelines.compress_config import CompressConfig
+    from subspace_cli.pipelines.evaluate import EvalConfig
+    from subspace_cli.pipelines.inspect import InspectConfig
+    from subspace_cli.pipelines.merge_config import MergeConfig
+    from subspace_cli.pipelines.unlearn_config import UnlearnConfig
+
+    return {"compress": CompressConfig, "adapt": AdaptConfig, "merge": MergeConfig, "unlearn": UnlearnConfig,
+            "eval": EvalConfig, "inspect": InspectConfig}
+
+
+class SingleStepRecipe(BaseModel):
+    """What every output's recipe.yaml holds: one verb and its fully resolved config."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    verb: Verb = Field(description="the subspace verb to run")
+    config: dict[str, Any] = Field(description="the verb's options (field names as in `subspace VERB --help`, with _)")
+
+
+class Step(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str | None = Field(None, pattern=NAME, description="step name, used in ${NAME.out} references (default: the verb)")
+    verb: Verb = Field(description="the subspace verb to run")
+    config: dict[str, Any] = Field(description="the verb's options; strings may hold ${var} and ${STEP.FIELD} references")
+
+
+class PipelineRecipe(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    vars: dict[str, Any] = Field(default_factory=dict, description="values substituted for ${NAME}; `--set NAME=VALUE` overrides")
+    steps: list[Step] = Field(min_length=1, description="the steps, run in order; a gate failure stops the pipeline (exit 1)")
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def unknown(kind: str, word: str, choices: Iterable[str], where: str) -> UsageError:
+    """`WHERE: unknown KIND 'word' (did you mean 'x'?); valid: a, b` (exit 2)."""
+    choices = list(choices)
+    return UsageError(f"{where}: unknown {kind} '{word}'{did_you_mean(word, choices)}; valid: {', '.join(choices) or 'none'}")
+
+
+def check_keys(values: dict, model: type[BaseModel], where: str, kind: str = "field") -> None:
+    for key in values:
+        if key not in model.model_fields:
+            raise unknown(kind, key, model.model_fields, where)
+
+
+def build(model: type[BaseModel], values: dict, where: str, kind: str = "field"):
+    """`model(**values)`, unknown keys named with a suggestion, other errors on one line (exit 2)."""
+    check_keys(values, model, where, kind)
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(part) for part in err["loc"]) or "config"
+        if err["type"] == "missing":
+            raise UsageError(f"{where}: missing required field '{loc}'") from exc
+        if err["type"] == "literal_error" and err["loc"] and err["loc"][-1] == "verb":
+            raise unknown("verb", err["input"], VERBS, where) from exc
+        raise UsageError(f"{where}: {loc} {err.get('input')!r}: {err['msg']}") from exc
