@@ -203,3 +203,28 @@ def test_fewer_samples_than_sources(tok, tmp_path):
     b.write_text(TEXT)
     with pytest.raises(UsageError, match="--calib-samples 1 is fewer than the 2 calibration sources"):
         resolve_calibration([str(a), str(b)], tok, n_samples=1, seqlen=8, seed=0)
+
+
+
+def test_windows_avoiding_share_no_token_with_the_taken_windows(tok):
+    ids = torch.arange(5000)  # token i at position i: a window's tokens tell where it came from
+    taken = data.window_starts(ids.numel(), 40, 32, seed=0)
+    free = data.windows_avoiding(ids, taken, 40, 32, seed=1)
+    assert free.shape == (40, 32)
+    used = {t for start in taken.tolist() for t in range(start, start + 32)}
+    assert not used & set(free.flatten().tolist())
+    assert len({int(row[0]) for row in free}) == 40  # distinct windows
+    assert torch.equal(free, data.windows_avoiding(ids, taken, 40, 32, seed=1))  # seeded
+    # The taken starts are those sample_calibration draws, so its rows are what is avoided.
+    text = numbered(300)
+    starts = data.window_starts(tokenize_text(tok, text).numel(), 8, 32, seed=3)
+    expected = tokenize_text(tok, text)[starts[:, None] + torch.arange(32)]
+    assert torch.equal(sample_calibration(tok, text, 8, 32, seed=3), expected)
+
+
+def test_windows_avoiding_returns_only_what_is_free():
+    ids = torch.arange(100)
+    # Starts run 0 … 69. A window at 0 blocks starts 0 … 29 and one at 40 blocks 11 … 69: none is free.
+    assert data.windows_avoiding(ids, torch.tensor([0, 40]), 10, 30, seed=0).shape == (0, 30)
+    few = data.windows_avoiding(ids, torch.tensor([0]), 100, 30, seed=0)  # free starts 30 … 69
+    assert few.shape == (40, 30) and int(few[:, 0].min()) == 30

@@ -43,15 +43,35 @@ def methods(
 
 def _render(result: dict) -> None:
     from rich.console import Console
+
+    console = Console()
+    if len(result["methods"]) == 1:  # `subspace methods NAME`: every option on its own line
+        _render_one(console, result["methods"][0])
+        return
     from rich.table import Table
 
-    table = Table(title="subspace methods")
-    for col in ("verb", "method", "what", "needs", "options", "paper"):
+    table = Table(title="subspace methods (`subspace methods NAME` for one method's options)")
+    for col in ("verb", "method", "what", "needs", "paper"):
         table.add_column(col)
     for m in result["methods"]:
-        opts = ", ".join(f"{k}={v['default']}" for k, v in m["options"].items()) or "–"
-        table.add_row(m["verb"], m["name"], m["summary"], ", ".join(m["needs"]) or "–", opts, m["paper"])
-    Console().print(table)
+        table.add_row(m["verb"], m["name"], m["summary"], ", ".join(m["needs"]) or "–", m["paper"])
+    console.print(table)
+
+
+def _render_one(console, m: dict) -> None:
+    from rich.table import Table
+
+    console.print(f"[bold]{m['verb']} --method {m['name']}[/bold]: {m['summary']}")
+    console.print(f"paper: {m['paper']}")
+    console.print(f"needs: {', '.join(m['needs']) or 'nothing beyond the model'}")
+    if "default_lr" in m:
+        console.print(f"default learning rate: {m['default_lr']:g}")
+    table = Table(title="options (-O KEY=VALUE)")
+    for col in ("option", "default", "meaning"):
+        table.add_column(col)
+    for key, option in m["options"].items():
+        table.add_row(key, "–" if option["default"] is None else str(option["default"]), option["description"] or "")
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:

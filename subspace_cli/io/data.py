@@ -216,11 +216,44 @@ def sample_calibration(tokenizer, text: str, n_samples: int, seqlen: int, seed: 
             f"calibration text has {n_tokens} tokens, fewer than --calib-seqlen {seqlen} + 1; "
             "give more text or a smaller --calib-seqlen"
         )
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, n_tokens - seqlen, (n_samples,), generator=generator)  # [n_samples]
+    starts = window_starts(n_tokens, n_samples, seqlen, seed)  # [n_samples]
     index = starts[:, None] + torch.arange(seqlen)  # [n_samples, seqlen]
     logger.debug("sampled %d windows of %d tokens from %d tokens", n_samples, seqlen, n_tokens)
     return ids[index]
+
+
+def window_starts(n_tokens: int, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """The start offsets `sample_calibration` draws for a text of `n_tokens` tokens: LongTensor [n_samples]."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n_tokens - seqlen, (n_samples,), generator=generator)
+
+
+def windows_avoiding(ids: torch.Tensor, taken: torch.Tensor, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Up to `n_samples` distinct windows of `seqlen` tokens of `ids` [n_tokens] that share no token with
+    any window starting at `taken` [m]: LongTensor [k, seqlen], k ≤ n_samples (0 when nothing is free).
+
+    The same text, cut the same way but never trained on: membership inference needs non-members
+    from the members' own distribution, which a held-out tail of the text (other books, other
+    plays) is not.
+    """
+    import torch
+
+    n_starts = ids.numel() - seqlen
+    if n_starts <= 0:
+        return ids.new_zeros((0, seqlen))
+    # A start s overlaps a taken window at t when t − seqlen < s < t + seqlen: mark that interval
+    # with a difference array, then keep the unmarked starts.
+    marks = torch.zeros(n_starts + 1, dtype=torch.int64)
+    low = (taken - seqlen + 1).clamp(0, n_starts)
+    high = (taken + seqlen).clamp(0, n_starts)
+    marks.index_add_(0, low, torch.ones_like(low))
+    marks.index_add_(0, high, -torch.ones_like(high))
+    free = (marks.cumsum(0)[:n_starts] == 0).nonzero().flatten()  # [n_free] allowed starts
+    order = torch.randperm(free.numel(), generator=torch.Generator().manual_seed(seed))[:n_samples]
+    starts = free[order].sort().values
+    return ids[starts[:, None] + torch.arange(seqlen)]
 
 
 def eval_windows(tokenizer, text: str, seqlen: int, max_chars: int | None = EVAL_MAX_CHARS) -> torch.Tensor:

@@ -75,8 +75,16 @@ class _Sets:
             retain=text_data.sample_calibration(tokenizer, retain_pool, config.retain_samples, config.seqlen, config.seed + 1))
         self.forget_eval = text_data.eval_windows(tokenizer, forget_held, config.eval_seqlen, config.eval_chars)
         self.retain_eval = text_data.eval_windows(tokenizer, retain_held, config.eval_seqlen, config.eval_chars)
-        # Non-members for the membership test: held-out forget text cut like the training rows.
-        self.nonmembers = text_data.eval_windows(tokenizer, forget_held, config.seqlen, None)[: config.forget_samples]
+        # Non-members for the membership test: windows of the same forget pool that no training row
+        # touches, cut like the training rows (the held-out tail is other text: other books of the KJV).
+        pool_ids = text_data.tokenize_text(tokenizer, forget_pool)  # [n_tokens]
+        taken = text_data.window_starts(pool_ids.numel(), config.forget_samples, config.seqlen, config.seed)
+        self.nonmembers = text_data.windows_avoiding(pool_ids, taken, config.forget_samples, config.seqlen,
+                                                     config.seed + 2)
+        self.nonmember_source = "forget pool"
+        if self.nonmembers.shape[0] == 0:  # the training rows cover the whole pool: fall back to held-out text
+            self.nonmembers = text_data.eval_windows(tokenizer, forget_held, config.seqlen, None)[: config.forget_samples]
+            self.nonmember_source = "held-out forget text"
 
 
 def _scores(model, sets: _Sets, config: UnlearnConfig) -> dict[str, float]:
@@ -163,6 +171,8 @@ def run_unlearn(config: UnlearnConfig) -> Report:
         raise UsageError(f"model '{config.model}' has no tokenizer files; copy them into its directory")
     with timer.stage("data"):
         sets = _Sets(config, tokenizer)
+    notes.append(f"membership AUC: {sets.train.forget.shape[0]} forget rows against {sets.nonmembers.shape[0]} "
+                 f"windows of the {sets.nonmember_source} that no training row touches")
     with timer.stage("eval_before"):
         before = _scores(model, sets, config)
     with timer.stage("prepare"):
@@ -170,9 +180,9 @@ def run_unlearn(config: UnlearnConfig) -> Report:
     model.train(False)  # no dropout: the steps are deterministic
     with timer.stage("unlearn"):
         curve = train_plan(plan, method_config, sets.train, config.seed, processes)
+        plan.finish()
     if processes.distributed:
         notes.append(f"trained on {processes.world} processes, each taking every {processes.world}th row of a batch")
-        plan.finish()
     for p in model.parameters():
         p.requires_grad_(False)
     with timer.stage("eval_after"):

@@ -1,0 +1,42 @@
+"""`subspace methods [NAME]`: the catalogue lists every registered method; one method shows each
+option with its default and meaning; an unknown name exits 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+from subspace_cli.methods.registry import methods_for
+
+
+def cli(*args):
+    env = {**os.environ, "COLUMNS": "160"}
+    return subprocess.run([sys.executable, "-m", "subspace_cli", *args], capture_output=True, text=True, env=env)
+
+
+def test_catalogue_lists_every_method_with_paper_and_needs():
+    proc = cli("methods", "--json")
+    assert proc.returncode == 0, proc.stderr
+    listed = {(m["verb"], m["name"]): m for m in json.loads(proc.stdout)["methods"]}
+    registered = {(verb, name) for verb in ("compress", "adapt", "merge", "unlearn") for name in methods_for(verb)}
+    assert set(listed) == registered
+    assert all(m["paper"] for m in listed.values())
+    assert listed[("merge", "ties")]["needs"] == ["base"]
+    assert listed[("unlearn", "sspu")]["options"]["relevant"]["default"] == 128
+
+
+def test_one_method_shows_each_option_default_and_meaning():
+    proc = cli("methods", "sspu")
+    assert proc.returncode == 0, proc.stderr
+    fields = methods_for("unlearn")["sspu"].config_class.model_fields
+    for key, field in fields.items():
+        assert key in proc.stdout, key
+    assert "arXiv 2505.24428" in proc.stdout and "forget data, retain data" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("│ relevant "))
+    assert "128" in row and "relevant subspace" in row
+
+
+def test_unknown_method_exits_2():
+    proc = cli("methods", "no-such-method")
+    assert proc.returncode == 2
+    assert "unknown method 'no-such-method'" in proc.stderr
