@@ -49,7 +49,8 @@ def table() -> str:
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         f, t = r["forget"], r["retain"]
-        out.append(f"| {r['method']} | {' '.join(a for a in r['args'] if a != '-O') or 'defaults'} | "
+        given = ' '.join(a for a in r['args'] if a != '-O') or 'defaults'
+        out.append(f"| {r['method']} | {given} (lr {r['options']['lr']:g}) | "
                    f"{f['before']:.1f} → {f['after']:.1f} | {f['ratio']:.1f} | {t['before']:.2f} → {t['after']:.2f} | "
                    f"{t['ratio']:.3f} | {r['mia_before']:.2f} → {r['mia_after']:.2f} | {r['timings_s']['unlearn']:.0f} | "
                    f"{r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} |")
