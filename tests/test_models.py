@@ -56,3 +56,24 @@ def test_pickle_only_refused_without_flag(tiny_llama, tmp_path):
     with pytest.raises(UsageError, match="--allow-pickle"):
         load_model_and_tokenizer(str(pickled))
     assert load_model_and_tokenizer(str(pickled), allow_pickle=True).model is not None
+
+
+def test_quantized_checkpoint_refused_with_exit_2(tiny_llama, text_file, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from subspace_cli.cli.app import app
+
+    quantized = tmp_path / "gptq"
+    shutil.copytree(tiny_llama, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match=r"quantized \(quant_method: gptq\).*full-precision"):
+        load_model_and_tokenizer(str(quantized))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["compress", str(quantized), "--calib", str(text_file),
+                                      "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "quantized" in result.output and not out.exists()

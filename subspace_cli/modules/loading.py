@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from subspace_cli.errors import UsageError
+from subspace_cli.io.devices import check_device
 from subspace_cli.modules.remote_modeling import FORMAT_VERSION, build_model_class
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -129,6 +130,7 @@ def load_model(path, device="cpu", dtype=None, allow_pickle: bool = False) -> nn
     path = Path(path)
     if not path.is_dir():
         raise UsageError(f"model directory '{path}' does not exist")
+    check_device(str(device))
     _read_json(path / "config.json")
     files = _weight_files(path, allow_pickle)
     _check_safetensors(files)

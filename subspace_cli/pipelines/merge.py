@@ -21,6 +21,7 @@ import torch
 from subspace_cli import __version__
 from subspace_cli.errors import UsageError
 from subspace_cli.io.checkpoint import COPIED_FILES, atomic_output_dir, check_output_dir
+from subspace_cli.io.devices import check_device
 from subspace_cli.io.lazy_checkpoint import LazyCheckpoint, compare_layouts
 from subspace_cli.io.lora_checkpoint import LoraCheckpoint, is_lora_adapter
 from subspace_cli.io.planned_writer import PlannedShardWriter, TensorSpec
@@ -328,6 +329,7 @@ def plot_mask_density(merge: MergeReport, path: Path) -> None:
 
 def run_merge(config: MergeConfig) -> Report:
     method, method_config, weights, densities = validate(config)
+    check_device(config.device)
     timer = StageTimer()
     notes: list[str] = []
     labels = _labels(config.models)
