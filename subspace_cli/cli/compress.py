@@ -35,6 +35,7 @@ def compress(
     format: str = field_option(C, "format"),
     shard_size: str = field_option(C, "shard_size"),
     batch_size: int = field_option(C, "batch_size"),
+    devices: Optional[str] = field_option(C, "devices"),
     overwrite: bool = field_option(C, "overwrite"),
     device: str = field_option(C, "device"),
     dtype: str = field_option(C, "dtype"),

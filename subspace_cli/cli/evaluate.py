@@ -21,6 +21,7 @@ def evaluate(
     fail_if: Optional[List[str]] = field_option(C, "fail_if", "--fail-if", default=None),
     batch_size: int = field_option(C, "batch_size"),
     device: str = field_option(C, "device"),
+    devices: Optional[str] = field_option(C, "devices"),
     dtype: str = field_option(C, "dtype"),
     allow_pickle: bool = field_option(C, "allow_pickle"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON summary on stdout (also when a gate fails)"),

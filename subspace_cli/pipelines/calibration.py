@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from subspace_cli.io.discovery import Blocks, block_linears, find_blocks, in_out_features
+from subspace_cli.io.discovery import Blocks, block_linears, find_blocks, in_out_features, weight_matrix
 from subspace_cli.linalg.gram import GramStats
 
 
@@ -70,13 +70,14 @@ class BlockStream:
 
 
 @contextmanager
-def record_inputs(modules: dict[str, nn.Module], device: str = "cpu") -> Iterator[dict[str, GramStats]]:
+def record_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, GramStats]]:
     """Forward hooks that accumulate each module's input statistics while the block runs.
 
     Layers fed the very same tensor (q/k/v projections, gate/up) share one GramStats: the
     Gram is the costliest part of calibration, so it is computed once per distinct input.
+    Each GramStats lives on its layer's device (blocks may sit on different GPUs, `--devices`).
     """
-    stats = {name: GramStats(in_out_features(m)[0], device=device) for name, m in modules.items()}
+    stats = {name: GramStats(in_out_features(m)[0], device=weight_matrix(m).device) for name, m in modules.items()}
     owner_of: dict[str, str] = {}  # layer -> layer whose identical input it shares
     seen: dict[tuple, tuple[weakref.ref, str]] = {}  # input address -> (the tensor, first layer)
 
@@ -112,7 +113,7 @@ def collect_dense_grams(
     all_stats: dict[str, GramStats] = {}
     for i, block in enumerate(stream.blocks.modules):
         layers = block_linears(block, stream.blocks.block_path(i), targets, exclude)
-        with record_inputs(layers, device) as stats:
+        with record_inputs(layers) as stats:
             outputs = stream.run_block(i)
         all_stats.update(stats)
         stream.advance(outputs)

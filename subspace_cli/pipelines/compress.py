@@ -37,6 +37,7 @@ from subspace_cli.pipelines.compress_config import CompressConfig
 from subspace_cli.pipelines.datasets import EvalSet, calibration_ids, evaluation_sets
 from subspace_cli.pipelines.dictionary_layers import Member, compress_group, dictionary_budget, projection_type
 from subspace_cli.pipelines.distributed import Processes, current_processes, shared_perplexity
+from subspace_cli.pipelines.placement import place_blocks
 from subspace_cli.pipelines.progress import progress_bar, set_quiet
 from subspace_cli.report.render import write_outputs
 from subspace_cli.report.resources import StageTimer, peak_device_mb, peak_rss_mb
@@ -148,7 +149,7 @@ def compress_model(model: nn.Module, config: CompressConfig, state: CompressStat
             stats: dict[str, GramStats] = {}
             outputs = None
             if stream is not None:
-                with record_inputs(layers, config.device) as stats:
+                with record_inputs(layers) as stats:
                     outputs = stream.run_block(i)
                 state.processes.sum_stats_(stats)  # this share's sums -> all samples' sums
             for name, module in layers.items():
@@ -183,7 +184,7 @@ def compress_dictionary_model(model: nn.Module, config: CompressConfig, state: C
             order: list[str] = []
             for i in indices:
                 layers = block_linears(blocks.modules[i], blocks.block_path(i), config.targets, config.exclude)
-                with record_inputs(layers, config.device) as stats:
+                with record_inputs(layers) as stats:
                     stream.advance(stream.run_block(i))
                 state.processes.sum_stats_(stats)
                 for name, module in layers.items():
@@ -235,9 +236,17 @@ def compress_and_write(config: CompressConfig) -> tuple[Report, nn.Module]:
     state = CompressState(config=work, method=method, method_config=method_config, processes=processes)
     notes = state.notes
 
+    if config.devices and processes.distributed:
+        raise UsageError("--devices spreads one model over several devices in one process; under a launcher "
+                         "pass --device cuda instead (each process takes its own GPU)")
     with timer.stage("load"):
-        loaded = load_model_and_tokenizer(work.model, device=work.device, dtype=work.dtype,
+        loaded = load_model_and_tokenizer(work.model, device="cpu" if work.devices else work.device, dtype=work.dtype,
                                           allow_pickle=work.allow_pickle)
+        if work.devices:
+            placement = place_blocks(loaded.model, work.devices, unit=getattr(method_config, "group_size", 1))
+            work = work.model_copy(update={"device": placement.input_device})  # where inputs go in
+            state.config = work
+            notes.append(placement.note())
     model, tokenizer = loaded.model, loaded.tokenizer
     params_before = param_count(model)
 

@@ -19,6 +19,11 @@ class RunOptions(BaseModel):
     allow_pickle: bool = Field(False, description="allow loading pickle (.bin) weights; they can run code")
 
 
+# Shared by the verbs that can spread one model's blocks over several devices (compress, eval).
+DEVICES_DESCRIPTION = ("place the model's blocks over several devices in one process, for a model larger than one GPU: "
+                       "auto (every visible GPU) or a list, cuda:0,cuda:1; overrides --device")
+
+
 class CompressConfig(RunOptions):
     model: str = Field(description="model: local directory, cached hub id, or builtin:smollm2-135m / builtin:minilm-l6")
     out: str = Field(description="output directory (written atomically)")
@@ -55,6 +60,7 @@ class CompressConfig(RunOptions):
         "factored", description="factored (LowRankLinear / DictionaryLinear modules) or plain dense checkpoint")
     shard_size: str = Field("2GB", description="maximum safetensors shard size")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")
+    devices: str | None = Field(None, description=DEVICES_DESCRIPTION)
     overwrite: bool = Field(False, description="replace a non-empty output directory")
 
     @field_validator("calib", "eval", mode="before")

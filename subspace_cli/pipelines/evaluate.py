@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from subspace_cli.errors import UsageError
-from subspace_cli.pipelines.compress_config import RunOptions
+from subspace_cli.pipelines.compress_config import DEVICES_DESCRIPTION, RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class EvalConfig(RunOptions):
     split: Literal["heldout", "all"] = Field("heldout", description="heldout: the last 5% of the data (never used for calibration); all: the whole text")
     fail_if: list[str] = Field(default_factory=list, description="quality gate 'FIELD OP VALUE', e.g. 'ppl_ratio>1.5'; repeatable; exit 1 if any holds")
     batch_size: int = Field(8, ge=1, description="windows per forward pass")
+    devices: str | None = Field(None, description=DEVICES_DESCRIPTION)
 
     @field_validator("fail_if", mode="before")
     @classmethod
@@ -61,10 +62,25 @@ def evaluation_text(config: EvalConfig) -> str:
 
 
 def _load(ref: str, config: EvalConfig, with_tokenizer: bool = True):
+    """The model on `--device`, or loaded on the CPU and spread over `--devices`."""
     from subspace_cli.io.models import load_model_and_tokenizer
 
-    return load_model_and_tokenizer(ref, device=config.device, dtype=config.dtype, allow_pickle=config.allow_pickle,
-                                    with_tokenizer=with_tokenizer)
+    loaded = load_model_and_tokenizer(ref, device="cpu" if config.devices else config.device, dtype=config.dtype,
+                                      allow_pickle=config.allow_pickle, with_tokenizer=with_tokenizer)
+    if config.devices:
+        from subspace_cli.pipelines.placement import place_blocks
+
+        log.info(place_blocks(loaded.model, config.devices).note())
+    return loaded
+
+
+def input_device(config: EvalConfig) -> str:
+    """Where windows go in: `--device`, or the first of `--devices` (which holds the embeddings)."""
+    if not config.devices:
+        return config.device
+    from subspace_cli.pipelines.placement import parse_devices
+
+    return parse_devices(config.devices)[0]
 
 
 def _check_tokenizers(model_tok, base_tok, config: EvalConfig) -> None:
@@ -109,7 +125,7 @@ def run_eval(config: EvalConfig) -> dict:
 
         scores = score_windows(
             loaded.model, windows, baseline=baseline.model if baseline else None, batch_size=config.batch_size,
-            device=config.device, progress=progress,
+            device=input_device(config), progress=progress,
         )
     result = {
         "model": config.model,

@@ -26,7 +26,8 @@ def peak_device_mb() -> float | None:
     except ImportError:  # pragma: no cover
         return None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**20
+        # The busiest GPU's peak: with --devices one process uses several, each with its own counter.
+        return max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**20
     return None
 
 
