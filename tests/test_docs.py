@@ -33,7 +33,7 @@ from doc_commands import Command, extract, simple_commands
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 COMMANDS = [command for doc in DOCS for command in extract(doc, REPO)]
 # Programs the docs may show that are not this tool: checked by their presence in this list only.
-OTHER_PROGRAMS = {"echo", "jq", "cp", "cat", "exit", "status"}
+OTHER_PROGRAMS = {"echo", "jq", "cp", "cat", "exit"}
 MAKE_TARGETS = set(re.findall(r"^([A-Za-z][\w-]*):", (REPO / "Makefile").read_text(), re.M))
 # A guide per verb, the checkpoint format, CI integration and troubleshooting (issue 7).
 REQUIRED_PAGES = ["compress", "adapt", "merge", "unlearn", "inspect-and-eval", "recipes", "format", "ci",

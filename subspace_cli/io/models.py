@@ -85,28 +85,12 @@ def load_model_and_tokenizer(
     from subspace_cli.modules.loading import load_model
 
     path = resolve_model_path(ref)
-    refuse_quantized(path)
     # One loader for factored and plain checkpoints: it refuses pickle unless allowed and names
     # corrupt or mismatched weight files; factored layers load without remote code.
     model = load_model(path, device=device, dtype=torch_dtype(dtype), allow_pickle=allow_pickle)
     model.eval()
     tokenizer = load_tokenizer(path) if with_tokenizer else None
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, ref=ref)
-
-
-def refuse_quantized(path: Path) -> None:
-    """Exit 2 for a quantized checkpoint (GPTQ, AWQ, bitsandbytes, ...): its Linear weights are
-    packed integers, which no subspace method can factor or train."""
-    import json
-
-    try:
-        quantization = json.loads((path / "config.json").read_text(encoding="utf-8")).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        return  # the loader names unreadable configs itself
-    if quantization:
-        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
-        raise UsageError(f"model '{path}' is quantized (quant_method: {method}); subspace needs full-precision "
-                         "weights (fp32, bf16 or fp16): pass the unquantized checkpoint, or dequantize it first")
 
 
 def load_tokenizer(path: Path):

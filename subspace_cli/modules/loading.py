@@ -40,6 +40,16 @@ def _read_json(path: Path) -> dict:
         raise UsageError(f"cannot read '{path}': {err}") from err
 
 
+def _refuse_quantized(path: Path, config: dict) -> None:
+    """A quantized checkpoint (GPTQ, AWQ, bitsandbytes, ...) stores its Linear weights as packed
+    integers, which no subspace method can factor or train."""
+    quantization = config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+        raise UsageError(f"model '{path}' is quantized (quant_method: {method}); subspace needs full-precision "
+                         "weights (fp32, bf16 or fp16): pass the unquantized checkpoint, or dequantize it first")
+
+
 def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
     """The weight files of a checkpoint directory (shards listed by the index, or the single file)."""
     for index_name, single_name, pickled in ((SAFE_INDEX, SAFE_SINGLE, False),
@@ -131,7 +141,7 @@ def load_model(path, device="cpu", dtype=None, allow_pickle: bool = False) -> nn
     if not path.is_dir():
         raise UsageError(f"model directory '{path}' does not exist")
     check_device(str(device))
-    _read_json(path / "config.json")
+    _refuse_quantized(path, _read_json(path / "config.json"))
     files = _weight_files(path, allow_pickle)
     _check_safetensors(files)
     try:

@@ -233,21 +233,21 @@ def compress_and_write(config: CompressConfig) -> tuple[Report, nn.Module]:
         set_quiet(True)  # one set of progress bars, the main process's
     torch.manual_seed(config.seed)
     timer = StageTimer()
-    state = CompressState(config=work, method=method, method_config=method_config, processes=processes)
-    notes = state.notes
-
     if config.devices and processes.distributed:
         raise UsageError("--devices spreads one model over several devices in one process; under a launcher "
                          "pass --device cuda instead (each process takes its own GPU)")
+    placement = None
     with timer.stage("load"):
         loaded = load_model_and_tokenizer(work.model, device="cpu" if work.devices else work.device, dtype=work.dtype,
                                           allow_pickle=work.allow_pickle)
         if work.devices:
             placement = place_blocks(loaded.model, work.devices, unit=getattr(method_config, "group_size", 1))
             work = work.model_copy(update={"device": placement.input_device})  # where inputs go in
-            state.config = work
-            notes.append(placement.note())
     model, tokenizer = loaded.model, loaded.tokenizer
+    state = CompressState(config=work, method=method, method_config=method_config, processes=processes)
+    notes = state.notes
+    if placement is not None:
+        notes.append(placement.note())
     params_before = param_count(model)
 
     input_ids = None

@@ -62,25 +62,18 @@ def evaluation_text(config: EvalConfig) -> str:
 
 
 def _load(ref: str, config: EvalConfig, with_tokenizer: bool = True):
-    """The model on `--device`, or loaded on the CPU and spread over `--devices`."""
+    """(the model on `--device`, or loaded on the CPU and spread over `--devices`; where inputs go in)."""
     from subspace_cli.io.models import load_model_and_tokenizer
 
     loaded = load_model_and_tokenizer(ref, device="cpu" if config.devices else config.device, dtype=config.dtype,
                                       allow_pickle=config.allow_pickle, with_tokenizer=with_tokenizer)
-    if config.devices:
-        from subspace_cli.pipelines.placement import place_blocks
-
-        log.info(place_blocks(loaded.model, config.devices).note())
-    return loaded
-
-
-def input_device(config: EvalConfig) -> str:
-    """Where windows go in: `--device`, or the first of `--devices` (which holds the embeddings)."""
     if not config.devices:
-        return config.device
-    from subspace_cli.pipelines.placement import parse_devices
+        return loaded, config.device
+    from subspace_cli.pipelines.placement import place_blocks
 
-    return parse_devices(config.devices)[0]
+    placement = place_blocks(loaded.model, config.devices)
+    log.info(placement.note())
+    return loaded, placement.input_device
 
 
 def _check_tokenizers(model_tok, base_tok, config: EvalConfig) -> None:
@@ -107,8 +100,8 @@ def run_eval(config: EvalConfig) -> dict:
     with timer.stage("data"):
         text = evaluation_text(config)
     with timer.stage("load"):
-        loaded = _load(config.model, config)
-        baseline = _load(config.baseline, config) if config.baseline else None
+        loaded, device = _load(config.model, config)
+        baseline = _load(config.baseline, config)[0] if config.baseline else None  # placed the same way
     tokenizer = loaded.tokenizer if loaded.tokenizer is not None else (baseline.tokenizer if baseline else None)
     if tokenizer is None:
         raise UsageError(f"model '{config.model}' has no tokenizer files; copy them into its directory")
@@ -125,7 +118,7 @@ def run_eval(config: EvalConfig) -> dict:
 
         scores = score_windows(
             loaded.model, windows, baseline=baseline.model if baseline else None, batch_size=config.batch_size,
-            device=input_device(config), progress=progress,
+            device=device, progress=progress,
         )
     result = {
         "model": config.model,

@@ -13,6 +13,7 @@ the devices take turns, they do not work in parallel (that is what several proce
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -96,14 +97,14 @@ def plan_placement(model: nn.Module, devices: tuple[str, ...], unit: int = 1) ->
         for name, child in parent.named_children():
             if name != parts[depth] and _has_tensors(child):
                 device_map[prefix + name] = devices[0]
-        if any(True for _ in [*parent.parameters(recurse=False), *parent.buffers(recurse=False)]):
+        if _has_tensors(parent, recurse=False):
             raise UsageError(f"{type(parent).__name__} keeps tensors of its own beside its blocks; "
                              "--devices cannot place it: use --device")
     return Placement(devices, device_map, tuple(runs))
 
 
-def _has_tensors(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+def _has_tensors(module: nn.Module, recurse: bool = True) -> bool:
+    return next(itertools.chain(module.parameters(recurse=recurse), module.buffers(recurse=recurse)), None) is not None
 
 
 def check_fits(model: nn.Module, placement: Placement) -> None:
