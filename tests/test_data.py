@@ -82,7 +82,7 @@ def test_jsonl_bad_line_names_line_number(tmp_path, lines, bad_line):
 def test_empty_file_is_usage_error(tmp_path, content):
     path = tmp_path / "empty.txt"
     path.write_text(content)
-    with pytest.raises(UsageError, match=r"calibration data '.*empty.txt' is empty"):
+    with pytest.raises(UsageError, match=r"--calib '.*empty.txt' is empty"):
         load_documents(str(path))
 
 
@@ -162,7 +162,7 @@ def test_sampling_is_deterministic_per_seed(tok):
 
 
 def test_too_little_text_names_sizes(tok):
-    with pytest.raises(UsageError, match=r"has 10 tokens, fewer than --calib-seqlen 10 \+ 1"):
+    with pytest.raises(UsageError, match=r"has 10 tokens \(in the 95% used for sampling\), fewer than --calib-seqlen 10 \+ 1"):
         sample_calibration(tok, "0123456789", 4, 10, seed=0)
     sample_calibration(tok, "0123456789X", 4, 10, seed=0)  # exactly seqlen + 1 is enough
 
@@ -173,8 +173,9 @@ def test_eval_windows_shapes(tok):
     assert eval_windows(tok, text, seqlen=64, max_chars=300).shape == (4, 64)
     assert eval_windows(tok, text, seqlen=64, max_chars=None).shape == (15, 64)
     assert eval_windows(tok, text[:40], seqlen=64).shape == (1, 40)  # only window: kept ragged
-    with pytest.raises(UsageError, match="empty"):
-        eval_windows(tok, "", seqlen=64)
+    for short in ("", "a"):  # a window scores its tokens after the first: one token scores nothing
+        with pytest.raises(UsageError, match=r"has [01] token\(s\); scoring needs at least 2"):
+            eval_windows(tok, short, seqlen=64)
 
 
 # ------------------------------------------------------------------------------ mixed sources
@@ -201,7 +202,7 @@ def test_fewer_samples_than_sources(tok, tmp_path):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text(TEXT)
     b.write_text(TEXT)
-    with pytest.raises(UsageError, match="--calib-samples 1 is fewer than the 2 calibration sources"):
+    with pytest.raises(UsageError, match="--calib-samples 1 is fewer than the 2 --calib sources"):
         resolve_calibration([str(a), str(b)], tok, n_samples=1, seqlen=8, seed=0)
 
 

@@ -21,7 +21,7 @@ def test_known_devices_pass():
 
 
 def test_malformed_device_names_the_valid_ones():
-    with pytest.raises(UsageError, match=r"--device 'gpu' is not a torch device.*valid: cpu, cuda"):
+    with pytest.raises(UsageError, match=r"--device gpu: 'gpu' is not a torch device.*valid: cpu, cuda"):
         check_device("gpu")
 
 

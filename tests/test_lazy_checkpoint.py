@@ -112,11 +112,40 @@ def test_lazy_checkpoint_refuses_pickle_and_missing_weights(tmp_path):
         LazyCheckpoint(tmp_path / "empty")
     (tmp_path / "pickle").mkdir()
     (tmp_path / "pickle" / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(UsageError, match=r"safetensors only.*save_pretrained\(.*safe_serialization=True"):
+    with pytest.raises(UsageError, match=r"pickle weights.*--allow-pickle.*safe_serialization=True"):
         LazyCheckpoint(tmp_path / "pickle")
+    with pytest.raises(UsageError, match=r"cannot read pickle weights '.*pytorch_model.bin'"):
+        LazyCheckpoint(tmp_path / "pickle", allow_pickle=True)  # an empty file is no state dict
     (tmp_path / "noconfig").mkdir()
     save_file({"w": torch.zeros(2)}, str(tmp_path / "noconfig" / "model.safetensors"))
     assert LazyCheckpoint(tmp_path / "noconfig").config == {}  # no config.json
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded", "legacy"])
+def test_lazy_checkpoint_reads_pickle_weights_like_safetensors_with_allow_pickle(llama_dir, tmp_path, layout):
+    """pytorch_model.bin (zip format, memory-mapped), its sharded form with an index, and torch's pre-1.6
+    format (loaded whole) give the same names, shapes, dtypes and bits as the safetensors file."""
+    state = load_file(llama_dir / "model.safetensors")
+    state["tied.view"] = state["model.embed_tokens.weight"][:4].t()  # a non-contiguous view of a shared storage
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    if layout == "sharded":
+        names = sorted(state)
+        weight_map = {}
+        for i, part in enumerate((names[::2], names[1::2])):
+            torch.save({n: state[n] for n in part}, pickled / f"pytorch_model-{i + 1:05d}-of-00002.bin")
+            weight_map.update(dict.fromkeys(part, f"pytorch_model-{i + 1:05d}-of-00002.bin"))
+        (pickled / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    else:
+        torch.save(state, pickled / "pytorch_model.bin", _use_new_zipfile_serialization=layout != "legacy")
+    with LazyCheckpoint(pickled, allow_pickle=True) as lazy:
+        assert lazy.names() == sorted(state)
+        for name, want in state.items():
+            assert lazy.shape(name) == tuple(want.shape) and lazy.dtype(name) == want.dtype
+            got = lazy.get(name)
+            assert got.is_contiguous() and torch.equal(got, want), name
+        got += 1  # the caller owns what get() returns
+        assert torch.equal(lazy.get(name), state[name])
 
 
 # ----------------------------------------------------------------------------- LoraCheckpoint

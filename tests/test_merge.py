@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tiny_models import make_char_tokenizer, make_tiny_llama
+from tiny_models import make_char_tokenizer, make_lora_adapter, make_tiny_llama
 
 
 def cli(*args):
@@ -130,19 +130,9 @@ def test_same_tensors_as_mergekit(tmp_path, family, method):
 
 def test_lora_adapters_merge_like_their_merged_models(tmp_path, family):
     """Two PEFT LoRA adapters on the base give the same merge as the two merged full models."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     adapters, full = [], []
     for seed in (3, 4):
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(family["base"]),
-                               LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]))
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(0.1 * torch.randn(p.shape, generator=generator))
-        model.save_pretrained(tmp_path / f"adapter{seed}")
+        model = make_lora_adapter(family["base"], tmp_path / f"adapter{seed}", seed)
         model.merge_and_unload().save_pretrained(tmp_path / f"full{seed}")
         make_char_tokenizer().save_pretrained(tmp_path / f"full{seed}")
         adapters.append(tmp_path / f"adapter{seed}")

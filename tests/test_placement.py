@@ -88,7 +88,7 @@ def test_auto_is_every_visible_gpu(gpus):
 
 def test_auto_without_a_gpu_says_so(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(UsageError, match=r"--device cuda: .*pass --device cpu"):
+    with pytest.raises(UsageError, match=r"--devices auto: .*drop --devices to run on one device"):
         parse_devices("auto")
 
 

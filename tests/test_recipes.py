@@ -114,7 +114,7 @@ def test_typo_in_a_step_field_exits_2_naming_field_step_and_choices(tmp_path):
     (lambda d: None, ["second.ration=0.3"], ["step 'second' (compress)", "'ration'", "did you mean 'ratio'?"]),
     (lambda d: None, ["secnd.ratio=0.3"], ["unknown step 'secnd'", "did you mean 'second'?"]),
     (lambda d: None, ["modle=x"], ["unknown var 'modle'", "did you mean 'model'?", "model, work, n, sources"]),
-    (lambda d: None, ["n=three"], ["step 'first' (adapt)", "steps 'three'", "integer"]),
+    (lambda d: None, ["n=three"], ["step 'first' (adapt): field 'steps'", "got 'three'", "integer"]),
     (lambda d: None, ["second.method=svd-lm"], ["step 'second' (compress)", "'svd-lm' is not a compress method"]),
     (lambda d: None, ["gate.fail_if=[bogus>1]"], ["step 'gate' (eval)", "unknown field 'bogus'"]),
 ])
@@ -176,6 +176,93 @@ def test_paths_an_earlier_step_creates_are_checked_when_it_has_run(tmp_path):
     check_steps(load_recipe(write_recipe(tmp_path / "p.yaml", data), []))  # no error: 'second' makes that directory
     with pytest.raises(UsageError, match=r"step 'look' \(inspect\): --plot .*does not exist"):
         check_steps(load_recipe(write_recipe(tmp_path / "p.yaml", data), ["look.plot=nowhere/s.png"]))
+
+
+def test_vars_may_use_vars(tmp_path):
+    data = _three_steps()
+    data["vars"].update(root="r", work="${root}/w")
+    recipe = write_recipe(tmp_path / "p.yaml", data)
+    plan = load_recipe(recipe, [])
+    assert plan.steps[0].config.out == "r/w/first" and plan.vars["work"] == "r/w"
+    assert load_recipe(recipe, ["root=/x"]).steps[0].config.out == "/x/w/first"  # --set reaches the vars built on it
+
+
+@pytest.mark.parametrize("extra, overrides, needle", [
+    ({"model": "${model}"}, [], "var 'model' refers to itself (model -> model)"),
+    ({"model": "${work}/m", "work": "${model}"}, [], "var 'model' refers back to itself (model -> work -> model)"),
+    ({}, ["work=${work}/again"], "var 'work' refers to itself (work -> work)"),
+    ({"model": "${first.out}"}, [], "vars.model: '${first.out}' refers to a step; a var can use only other vars"),
+])
+def test_a_var_defined_through_itself_exits_2_naming_the_cycle(tmp_path, extra, overrides, needle):
+    data = _three_steps()
+    data["vars"].update(extra)
+    proc = cli("run", write_recipe(tmp_path / "p.yaml", data), "--dry-run", *(f"--set={o}" for o in overrides),
+               cwd=tmp_path)
+    assert proc.returncode == 2 and needle in error_line(proc), proc.stderr
+
+
+def test_a_wrong_type_in_a_recipe_names_the_field_and_step_not_a_flag(tmp_path):
+    config = {"model": "m", "out": "o", "ratio": "abc"}
+    write_recipe(tmp_path / "x.yaml", {"verb": "compress", "config": config})
+    write_recipe(tmp_path / "p.yaml", {"steps": [{"name": "c", "verb": "compress", "config": config}]})
+    for recipe, place in (("x.yaml", "recipe 'x.yaml' (compress)"), ("p.yaml", "recipe 'p.yaml' step 'c' (compress)")):
+        proc = cli("run", recipe, "--dry-run", cwd=tmp_path)
+        line = error_line(proc)
+        assert proc.returncode == 2 and f"{place}: field 'ratio': Input should be a valid number" in line, line
+        assert line.endswith("got 'abc'") and "--ratio" not in line
+    proc = cli("compress", "m", "--out", "o", "--ratio", "1.5", cwd=tmp_path)  # the command line names its flag
+    assert proc.returncode == 2 and "--ratio 1.5: Input should be less than 1" in error_line(proc)
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"\xff\xfe\x00verb", "is not UTF-8 text (byte 0)"),
+    (b"verb: compress\x00\x01", "is a binary file, not YAML text"),
+    (b"", "is empty"),
+    (b"# a comment only\n", "is empty"),
+    (b"42\n", "holds a single value (int), not a mapping"),
+    (b"- verb: compress\n", "holds a list, not a mapping"),
+])
+def test_a_recipe_that_is_not_a_yaml_mapping_exits_2(tmp_path, content, needle):
+    (tmp_path / "x.yaml").write_bytes(content)
+    proc = cli("run", "x.yaml", "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 2 and f"recipe 'x.yaml' {needle}" in error_line(proc), proc.stderr
+    assert "{verb, config} for one step or {vars, steps} for a pipeline" in error_line(proc)
+
+
+@pytest.mark.parametrize("text, needle", [
+    # YAML keeps the last of two equal keys silently; this recipe would have run as compress.
+    ("verb: eval\nconfig: {model: m, data: x.txt}\nverb: compress\n", "the key 'verb' appears twice in one mapping"),
+    ("vars: {a: &x [*x]}\nsteps: [{verb: eval, config: {model: m, data: x.txt}}]\n", "recursive node (line 1"),
+])
+def test_yaml_that_would_be_misread_exits_2(tmp_path, text, needle):
+    (tmp_path / "x.yaml").write_text(text)
+    with pytest.raises(UsageError, match=r"recipe '.*x.yaml' is not valid YAML: ") as info:
+        load_recipe(tmp_path / "x.yaml", [])
+    assert needle in str(info.value)
+
+
+def test_run_on_a_directory_says_so_and_suggests_its_recipe(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UsageError, match=r"recipe '.*out' is a directory; pass a recipe file"):
+        load_recipe(tmp_path / "out", [])
+    write_recipe(tmp_path / "out" / "recipe.yaml", {"verb": "eval", "config": {"model": "m", "data": "x.txt"}})
+    proc = cli("run", "out", cwd=tmp_path)
+    assert proc.returncode == 2 and "recipe 'out' is a directory; did you mean 'out/recipe.yaml'" in error_line(proc)
+
+
+@pytest.mark.parametrize("form, sets, needle", [
+    ("single", ["ratio=[1"], "--set 'ratio=[1': value is not valid YAML"),  # was exit 3, 'unexpected ParserError'
+    ("single", ["ratio"], "--set 'ratio' is not KEY=VALUE; write FIELD=VALUE for a compress field"),
+    ("single", ["method=svd-lm"], "recipe 'x.yaml' (compress): --method 'svd-lm' is not a compress method"),
+    ("pipeline", ["n"], "--set 'n' is not KEY=VALUE; write NAME=VALUE for a var, or STEP.FIELD=VALUE"),
+    ("pipeline", ["n=[3"], "--set 'n=[3': value is not valid YAML"),
+])
+def test_bad_set_values_and_single_step_checks_exit_2(tmp_path, form, sets, needle):
+    """A single-step dry run runs the verb's own pre-load checks too, as a pipeline's does."""
+    data = {"verb": "compress", "config": {"model": "m", "out": "o"}} if form == "single" else _three_steps()
+    write_recipe(tmp_path / "x.yaml", data)
+    proc = cli("run", "x.yaml", "--dry-run", *(f"--set={s}" for s in sets), cwd=tmp_path)
+    assert proc.returncode == 2 and needle in error_line(proc), proc.stderr
 
 
 # ----------------------------------------------------------------------------- running
@@ -342,114 +429,3 @@ def test_shipped_inspect_recipe_on_a_tiny_model(tiny_llama, text_file, tmp_path)
                            "calib_seqlen=32", f"plot={plot}")
     assert summary["summary"]["n_matrices"] == 14  # 2 blocks × (q, k, v, o, gate, up, down)
     assert summary["calibration"]["data"] == str(text_file) and plot.stat().st_size > 0
-
-
-# ----------------------------------------------------------------------------- schema
-
-ANNOTATIONS = {"title", "description", "default", "$schema"}
-KEYWORDS = {"$ref", "$defs", "oneOf", "anyOf", "type", "properties", "required", "additionalProperties", "items",
-            "const", "enum", "pattern", "minItems", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
-TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
-
-
-def _is(instance, kind: str) -> bool:
-    if kind in ("integer", "number"):
-        ok = isinstance(instance, int) or (kind == "number" and isinstance(instance, float))
-        return ok and not isinstance(instance, bool)
-    return isinstance(instance, TYPES[kind])
-
-
-def _errors(instance, schema: dict, root: dict, path: str = "$") -> list[str]:
-    """A small JSON Schema checker for exactly the keywords in KEYWORDS (jsonschema is not installed)."""
-    errors = []
-    if "$ref" in schema:
-        errors += _errors(instance, root["$defs"][schema["$ref"].removeprefix("#/$defs/")], root, path)
-    if "oneOf" in schema:
-        matches = sum(not _errors(instance, option, root, path) for option in schema["oneOf"])
-        errors += [] if matches == 1 else [f"{path}: matches {matches} of oneOf"]
-    if "anyOf" in schema and all(_errors(instance, option, root, path) for option in schema["anyOf"]):
-        errors.append(f"{path}: matches none of anyOf")
-    if "const" in schema and instance != schema["const"]:
-        errors.append(f"{path}: {instance!r} != {schema['const']!r}")
-    if "enum" in schema and instance not in schema["enum"]:
-        errors.append(f"{path}: {instance!r} not in {schema['enum']}")
-    if "type" in schema and not _is(instance, schema["type"]):
-        return errors + [f"{path}: {instance!r} is not {schema['type']}"]
-    if isinstance(instance, dict):
-        properties = schema.get("properties", {})
-        errors += [f"{path}: missing {key}" for key in schema.get("required", []) if key not in instance]
-        for key, value in instance.items():
-            if key in properties:
-                errors += _errors(value, properties[key], root, f"{path}.{key}")
-            elif schema.get("additionalProperties") is False:
-                errors.append(f"{path}: unexpected key {key}")
-    if isinstance(instance, list):
-        if len(instance) < schema.get("minItems", 0):
-            errors.append(f"{path}: fewer than {schema['minItems']} items")
-        for i, item in enumerate(instance):
-            errors += _errors(item, schema.get("items", {}), root, f"{path}[{i}]")
-    if isinstance(instance, str) and "pattern" in schema and not re.search(schema["pattern"], instance):
-        errors.append(f"{path}: {instance!r} does not match {schema['pattern']}")
-    if _is(instance, "number"):
-        for key, bad in (("minimum", lambda v, t: v < t), ("maximum", lambda v, t: v > t),
-                         ("exclusiveMinimum", lambda v, t: v <= t), ("exclusiveMaximum", lambda v, t: v >= t)):
-            if key in schema and bad(instance, schema[key]):
-                errors.append(f"{path}: {instance} violates {key} {schema[key]}")
-    return errors
-
-
-def _keywords(node, seen: set) -> set:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            seen.add(key)
-            if key in ("properties", "$defs"):
-                for sub in value.values():
-                    _keywords(sub, seen)
-            elif key not in ("const", "enum", "default"):
-                _keywords(value, seen)
-    elif isinstance(node, list):
-        for item in node:
-            _keywords(item, seen)
-    return seen
-
-
-@pytest.fixture(scope="module")
-def schema(tmp_path_factory):
-    proc = cli("schema")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-def test_schema_is_json_schema_from_the_config_classes(schema, tmp_path):
-    from subspace_cli.pipelines.recipe_format import config_classes
-
-    assert schema["$schema"].startswith("https://json-schema.org/") and len(schema["oneOf"]) == 2
-    assert _keywords(schema, set()) <= KEYWORDS | ANNOTATIONS  # so the checker above checks all of it
-    for config_class in config_classes().values():
-        assert set(schema["$defs"][config_class.__name__]["properties"]) == set(config_class.model_fields)
-    out = tmp_path / "recipe.schema.json"
-    assert cli("schema", "--out", out).returncode == 0 and json.loads(out.read_text()) == schema
-
-
-def test_schema_validates_the_shipped_recipes_and_rejects_typos(schema):
-    for path in sorted(RECIPES.glob("*.yaml")):
-        assert _errors(yaml.safe_load(path.read_text()), schema, schema) == [], path.name
-    single = yaml.safe_load((RECIPES / "compress-smollm2-svd-llm.yaml").read_text())
-    pipeline = yaml.safe_load(PIPELINE.read_text())
-    typos = [
-        {**single, "config": {**single["config"], "ration": 0.2}},
-        {**single, "verb": "compres"},
-        {**single, "config": {**single["config"], "ratio": "${ratio}"}},  # single-step recipes are not substituted
-        {**pipeline, "steps": [{**pipeline["steps"][0], "config": {**pipeline["steps"][0]["config"], "stepz": 3}}]},
-        {**pipeline, "steps": []},
-        {**pipeline, "stages": []},
-    ]
-    for bad in typos:
-        assert _errors(bad, schema, schema), bad
-
-
-def test_schema_needs_no_torch():
-    code = ("import sys; from subspace_cli.pipelines.recipe_schema import recipe_schema; recipe_schema(); "
-            "print('torch' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.stdout.strip() == "False", proc.stderr

@@ -339,7 +339,7 @@ def test_chat_without_template_names_file_and_alternative(tmp_path, tok):
 def test_plain_text_errors(tmp_path, tok):
     empty = tmp_path / "empty.txt"
     empty.write_text(" \n\n")
-    with pytest.raises(UsageError, match=rf"training data '{re.escape(str(empty))}' has no training examples"):
+    with pytest.raises(UsageError, match=rf"--data '{re.escape(str(empty))}' is empty"):
         load_training_data([str(empty)], tok)
     with pytest.raises(UsageError, match=r"'missing.jsonl' does not exist"):
         load_training_data(["missing.jsonl"], tok, format="alpaca")  # load_source's error

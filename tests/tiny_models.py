@@ -96,3 +96,20 @@ def perturbed_copy(base: Path, out: Path, seed: int, scale: float = 0.05) -> Pat
         for p in model.parameters():
             p.add_(scale * torch.randn(p.shape, generator=generator))
     return _save(model, Path(out))
+
+
+def make_lora_adapter(base: Path, out: Path, seed: int):
+    """A PEFT LoRA adapter on `base` (q_proj, up_proj; B randomised so it changes the model), saved to
+    `out`; PEFT records `base` as base_model_name_or_path. Returns the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+    model.save_pretrained(out)
+    return model

@@ -16,6 +16,7 @@ def merge(
                                         + "; or one CONFIG.yaml (ours or mergekit's)"),
     out: str = field_option(C, "out", "--out", "-o", default=...),
     base: Optional[str] = field_option(C, "base"),
+    force_base: bool = field_option(C, "force_base"),
     method: str = field_option(C, "method"),
     option: Optional[List[str]] = typer.Option(None, "--option", "-O", help=C.model_fields["options"].description),
     weights: Optional[str] = typer.Option(None, "--weights", help=C.model_fields["weights"].description + ", comma-separated"),
@@ -50,6 +51,9 @@ def merge(
         values["data"] = data or []
         values["eval"] = eval or []
         if len(models) == 1 and Path(models[0]).suffix in (".yaml", ".yml"):
+            from subspace_cli import lifecycle
+
+            lifecycle.add_input("merge config", models[0])  # --out must not replace the file that describes it
             from_file = read_merge_file(Path(models[0]))
             # Flags given on the command line (anything not at its default) win over the file.
             for key, value in values.items():

@@ -115,7 +115,8 @@ def score_windows(
         if progress:
             progress(ids.shape[0])
     if count == 0:
-        raise UsageError("no tokens to score: --eval-seqlen must be at least 2")
+        raise UsageError("no tokens to score: each window needs at least 2 tokens (pass a longer text, "
+                         "or an --eval-seqlen of at least 2)")
     result = {"metric": "perplexity", "ppl": safe_exp(nll / count), "nll": nll / count, "n_tokens": count}
     if baseline is not None:
         result["baseline_ppl"] = safe_exp(base_nll / count)

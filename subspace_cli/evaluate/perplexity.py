@@ -42,11 +42,14 @@ def model_device(model) -> torch.device:
 
 
 def check_seqlen(model, seqlen: int, flag: str = "--eval-seqlen") -> None:
-    """UsageError when `seqlen` exceeds the model's position embeddings (when it declares them)."""
+    """UsageError when `seqlen` exceeds the model's position embeddings (when it declares them).
+
+    `model` is a model, or its config as an object or as config.json's dict (merge reads no model)."""
     from subspace_cli.errors import UsageError
 
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    config = getattr(model, "config", model)
+    read = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    limit = read("max_position_embeddings") or read("n_positions")
     if isinstance(limit, int) and seqlen > limit:
         raise UsageError(f"{flag} {seqlen} exceeds the model's {limit} positions; use at most {limit}")
 

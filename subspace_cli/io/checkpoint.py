@@ -1,21 +1,16 @@
-"""Writing checkpoints: atomic output directories and (factored) Hugging Face checkpoints.
+"""Writing (factored) Hugging Face checkpoints; output directories are io/output_dir.py.
 
 The on-disk format is documented in docs/format.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import secrets
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
 
-from subspace_cli.errors import UsageError
 from subspace_cli.modules import remote_modeling
 from subspace_cli.modules.lowrank import factored_layout, layout_format_version
 
@@ -38,65 +33,6 @@ _AUTO_CLASSES = (
     ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "AutoModelForQuestionAnswering"),
     ("MODEL_MAPPING_NAMES", "AutoModel"),
 )
-
-
-# ----------------------------------------------------------------------------- atomic output
-
-
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an output path that would lose data; call it before any work starts."""
-    out = Path(out)
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UsageError(f"output path '{out}' exists and is not a directory; choose another --out")
-    if not overwrite and any(out.iterdir()):
-        raise UsageError(f"output directory '{out}' is not empty; pass --overwrite or choose another --out")
-
-
-def _sibling(out: Path, tag: str) -> Path:
-    return out.parent / f".{out.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; rename it to `out` only if the block succeeds.
-
-    On an exception (KeyboardInterrupt included) the temporary directory is deleted and `out` is
-    left untouched. With `overwrite`, an existing `out` is first renamed to a backup sibling and
-    deleted only once the new directory is in place, so a crash midway never loses both.
-    """
-    out = Path(out)
-    check_output_dir(out, overwrite)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _sibling(out, "tmp")
-        tmp.mkdir()
-    except OSError as err:
-        raise UsageError(f"cannot create output directory next to '{out}': {err.strerror}") from err
-    try:
-        yield tmp
-        _commit(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
-    check_output_dir(out, overwrite)  # again: something may have appeared while we worked
-    if out.exists() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    backup = _sibling(out, "old")
-    os.replace(out, backup)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(backup, out)  # put the old output back
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 from subspace_cli.errors import UsageError
-from subspace_cli.io.lazy_checkpoint import LazyCheckpoint, _read_json
+from subspace_cli.io.lazy_checkpoint import LazyCheckpoint, PickleFile, _read_json
 from subspace_cli.io.safetensors_file import SafetensorsFile
 
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 
 
@@ -84,21 +85,26 @@ class LoraCheckpoint:
     + scaling * B @ A for targeted weights, computed in float32 and returned in the base dtype.
     Everything is checked from shapes when constructed, so a bad adapter fails before any work.
     `close()` closes the adapter file only: the base may be shared by several adapters.
+    Pickle adapter weights (adapter_model.bin) are read only with `allow_pickle`.
     """
 
-    def __init__(self, base: LazyCheckpoint, adapter_dir: Path):
+    def __init__(self, base: LazyCheckpoint, adapter_dir: Path, allow_pickle: bool = False):
         self.base = base
         self.adapter_dir = Path(adapter_dir)
         self.adapter_config = self._read_config()
         weights = self.adapter_dir / ADAPTER_WEIGHTS
-        if not weights.is_file():
-            if (self.adapter_dir / "adapter_model.bin").is_file():
+        self._handle: SafetensorsFile | PickleFile | None = None
+        if weights.is_file():
+            self._handle = SafetensorsFile(weights)
+        elif (self.adapter_dir / ADAPTER_PICKLE).is_file():
+            if not allow_pickle:
                 raise UsageError(
-                    f"adapter '{self.adapter_dir}' only has pickle weights (adapter_model.bin); merging reads "
-                    "safetensors only. Convert it once: load it with PeftModel.from_pretrained and save it with "
-                    "save_pretrained(new_dir, safe_serialization=True)")
+                    f"adapter '{self.adapter_dir}' only has pickle weights ({ADAPTER_PICKLE}), which can run code "
+                    "when loaded; pass --allow-pickle if you trust its source, or convert it once (load it with "
+                    "PeftModel.from_pretrained and save it with save_pretrained(new_dir, safe_serialization=True))")
+            self._handle = PickleFile(self.adapter_dir / ADAPTER_PICKLE)
+        else:
             raise UsageError(f"adapter '{self.adapter_dir}' has no {ADAPTER_WEIGHTS}")
-        self._handle = SafetensorsFile(weights)
         self._replace: dict[str, str] = {}  # base name -> adapter key of its full replacement
         self._terms: dict[str, list[_LoraTerm]] = {}  # base name -> its LoRA updates
         try:
@@ -297,6 +303,13 @@ class LoraCheckpoint:
     @property
     def config(self) -> dict:
         return self.base.config
+
+    @property
+    def trained_on(self) -> str | None:
+        """adapter_config.json's base_model_name_or_path: the base the adapter was trained on, as PEFT
+        recorded it (a path, a hub id or builtin:NAME), or None when it names none."""
+        ref = self.adapter_config.get("base_model_name_or_path")
+        return ref if isinstance(ref, str) and ref.strip() else None
 
     @property
     def targeted(self) -> list[str]:

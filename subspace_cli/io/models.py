@@ -52,7 +52,7 @@ def _resolve_hub_id(repo_id: str) -> Path:
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py"]
     try:
         return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns))
-    except Exception:
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError) or not a repo id: try the hub, below
         pass
     if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("", "0", "false"):
         reason = "HF_HUB_OFFLINE is set"
@@ -93,13 +93,22 @@ def load_model_and_tokenizer(
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, ref=ref)
 
 
+# A directory holds a tokenizer's vocabulary in one of these (spiece.model: T5-style sentencepiece).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
+
+
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
+    path = Path(path)
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"model directory '{path}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                         "copy them from the model it was made from (save_pretrained of its tokenizer)")
     try:
         tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot load a tokenizer from '{path}': {exc}") from exc
+    except (OSError, ValueError, TypeError, KeyError, ImportError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise UsageError(f"cannot load the tokenizer in '{path}': {reason}") from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

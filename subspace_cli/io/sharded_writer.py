@@ -26,6 +26,22 @@ _SIZE_UNITS = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([A-Za-z]*)\s*$")
 
 
+# Below this a --shard-size is a slip (a forgotten unit), not a wish for one file per tensor.
+MIN_SHARD_BYTES = 1024
+
+
+def shard_size_bytes(text: str | int, flag: str = "--shard-size") -> int:
+    """`parse_size` for a command-line value, the message naming the flag (checked before any work)."""
+    try:
+        size = parse_size(text)
+    except UsageError as err:
+        raise UsageError(f"{flag} {text!r}: {err}") from None
+    if size < MIN_SHARD_BYTES:
+        raise UsageError(f"{flag} {text!r} is {size} bytes: every tensor would get a file of its own; "
+                         "pass a size with a unit, e.g. 500MB or 5GB")
+    return size
+
+
 def parse_size(text: str | int) -> int:
     """A size in bytes from "2GB", "500MB", "1.5GiB", "10KB" or a plain integer (bytes).
 

@@ -124,12 +124,7 @@ class _Source:
 
 def _read_text_source(spec: str, eval_fraction: float, notes: list[str]) -> _Source:
     """A plain-text source as one document per split: its pool and its held-out tail."""
-    try:
-        source = load_source(spec)  # its UsageErrors name a missing or non-UTF-8 source
-    except UsageError as exc:
-        if str(exc) == f"calibration data '{spec}' is empty":
-            raise UsageError(f"training data '{spec}' has no training examples: it holds no text") from None
-        raise
+    source = load_source(spec, "--data")  # its UsageErrors name a missing, empty or non-UTF-8 source
     pool, held = split_holdout(source.text, eval_fraction)
     if not held.strip():
         notes.append(f"'{spec}' is too short to hold out any text for evaluation")
@@ -434,7 +429,7 @@ def load_training_data(
     del seed  # deterministic by design; kept so callers pass one run-wide seed everywhere
     _check_arguments(specs, seqlen, format, eval_fraction, max_train, max_eval)
     notes: list[str] = []
-    sources = {spec: _read_source(spec, tokenizer, format, eval_fraction, notes) for spec in split_specs(specs)}
+    sources = {spec: _read_source(spec, tokenizer, format, eval_fraction, notes) for spec in split_specs(specs, "--data")}
     train = _tokenize(tokenizer, [e for s in sources.values() for e in s.train])
     held = _tokenize(tokenizer, [e for s in sources.values() for e in s.eval])
     if not train or not held:

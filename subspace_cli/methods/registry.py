@@ -16,7 +16,8 @@ _NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 class MethodConfig(BaseModel):
     """Base of every method's options: frozen, unknown keys rejected."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: `-O lr=inf` or `-O lambda=nan` is a typo, refused before any work.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

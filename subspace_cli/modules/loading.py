@@ -35,9 +35,13 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise UsageError(f"'{path}' is missing; is '{path.parent}' a Hugging Face checkpoint directory?")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UsageError(f"cannot read '{path}': {err}") from err
+    if not isinstance(data, dict):
+        raise UsageError(f"'{path}' holds a JSON {type(data).__name__}, not an object; a Hugging Face config is "
+                         "a JSON object ({\"model_type\": ..., ...})")
+    return data
 
 
 def _refuse_quantized(path: Path, config: dict) -> None:
@@ -129,6 +133,31 @@ def _check_loading_info(path: Path, info: dict) -> None:
         raise UsageError(f"weights in '{path}' do not match its config: " + "; ".join(problems))
 
 
+# Tensors above this many elements are checked in slices, so the check's boolean temporary stays
+# small next to a 262k-token embedding.
+_FINITE_CHUNK = 1 << 24
+
+
+def first_non_finite(model: nn.Module) -> str | None:
+    """Name of the first parameter holding NaN or Inf, or None; one read of every weight."""
+    for name, param in model.named_parameters():
+        if not param.is_floating_point() or param.device.type == "meta":
+            continue
+        flat = param.detach().reshape(-1)
+        for start in range(0, flat.numel(), _FINITE_CHUNK):
+            if not bool(torch.isfinite(flat[start:start + _FINITE_CHUNK]).all()):
+                return name
+    return None
+
+
+def check_finite(model: nn.Module, path: Path) -> None:
+    """Exit 2 naming the first non-finite tensor: every method would fail on it later, with a worse message."""
+    bad = first_non_finite(model)
+    if bad is not None:
+        raise UsageError(f"model '{path}' has NaN or Inf values in '{bad}'; the checkpoint is corrupt or diverged "
+                         "in training: pass a model with finite weights")
+
+
 def load_model(path, device="cpu", dtype=None, allow_pickle: bool = False) -> nn.Module:
     """Load a checkpoint (factored by subspace, or a plain dense one) as an eval-mode nn.Module.
 
@@ -164,6 +193,7 @@ def load_model(path, device="cpu", dtype=None, allow_pickle: bool = False) -> nn
         raise UsageError(f"weights in '{path}' do not match the shapes its config.json declares "
                          "(see the load report above)") from err
     _check_loading_info(path, info)
+    check_finite(model, path)
     if torch.device(device).type == "cuda":
         from subspace_cli.kernels.packed_product import enable_dictionary_kernel
 

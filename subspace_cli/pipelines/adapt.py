@@ -19,16 +19,19 @@ from torch import nn
 
 from subspace_cli import __version__
 from subspace_cli.errors import UsageError
-from subspace_cli.evaluate.perplexity import is_causal_lm
-from subspace_cli.io.checkpoint import atomic_output_dir, check_output_dir, param_count, write_checkpoint
+from subspace_cli.evaluate.perplexity import check_seqlen, is_causal_lm
+from subspace_cli.io.checkpoint import param_count, write_checkpoint
 from subspace_cli.io.discovery import block_linears, compile_pattern, find_blocks, weight_matrix
 from subspace_cli.io.models import load_model_and_tokenizer
+from subspace_cli.io.output_dir import atomic_output_dir, check_not_an_input, check_output_dir, check_writable_dir
+from subspace_cli.io.sharded_writer import shard_size_bytes
 from subspace_cli.io.training_data import load_training_data
 from subspace_cli.methods.adapt.base import AdaptContext
 from subspace_cli.methods.registry import get_method
 from subspace_cli.pipelines.adapt_config import AdaptConfig
 from subspace_cli.pipelines.adapter_export import attach_exported, plot_curve
-from subspace_cli.pipelines.trainer import TrainSettings, eval_loss, find_checkpoint, train
+from subspace_cli.pipelines.config_paths import input_refs, stored_recipe
+from subspace_cli.pipelines.trainer import TrainSettings, check_checkpoint, eval_loss, train
 from subspace_cli.report.render import write_outputs
 from subspace_cli.report.resources import StageTimer, peak_device_mb, peak_rss_mb
 from subspace_cli.report.schema import AdapterLayerReport, PerplexityReport, Report, TrainingReport
@@ -46,10 +49,21 @@ def validate(config: AdaptConfig):
     method_config = method.make_config(config.options)
     compile_pattern(config.targets, "--targets")
     compile_pattern(config.exclude, "--exclude")
-    check_output_dir(Path(config.out), config.overwrite)
+    check_output_dir(Path(config.out), config.overwrite, input_refs(config))
+    shard_size_bytes(config.shard_size)
+    # Training checkpoints live outside --out (which is replaced as a whole) and away from the model and
+    # data; --resume may well point inside them.
+    reads = [ref for ref in input_refs(config) if ref[0] != "--resume"]
+    check_not_an_input(checkpoint_dir(config), [*reads, ("output directory --out", Path(config.out))], "--checkpoint-dir")
+    if config.save_every:
+        check_writable_dir(checkpoint_dir(config), "--checkpoint-dir")
     if config.resume is not None:
-        find_checkpoint(Path(config.resume))
+        check_checkpoint(Path(config.resume))
     return method, method_config
+
+
+def checkpoint_dir(config: AdaptConfig) -> Path:
+    return Path(config.checkpoint_dir or f"{config.out}.checkpoints")
 
 
 def select_layers(model: nn.Module, config: AdaptConfig) -> dict[str, nn.Module]:
@@ -103,6 +117,7 @@ def run_adapt(config: AdaptConfig) -> Report:
     del loaded
     if not is_causal_lm(model):
         raise UsageError(f"adapt trains causal language models; '{config.model}' is a {type(model).__name__}")
+    check_seqlen(model, config.seqlen, "--seqlen")
     with timer.stage("data"):
         data = load_training_data(config.data, tokenizer, seqlen=config.seqlen, packing=config.packing,
                                   format=config.format, seed=config.seed)
@@ -117,13 +132,13 @@ def run_adapt(config: AdaptConfig) -> Report:
                                AdaptContext(generator=generator, run_calibration=runner))
     trainable = {n: p for n, p in adapted.model.named_parameters() if p.requires_grad}
     per_layer = {path: sum(p.numel() for n, p in trainable.items() if f"{path}." in n) for path in layers}
-    checkpoint_dir = Path(config.checkpoint_dir or f"{config.out}.checkpoints")
+    checkpoints = checkpoint_dir(config)
     settings = TrainSettings(
         steps=config.steps, lr=lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
         batch_size=config.batch_size, grad_accum=config.grad_accum, max_grad_norm=config.max_grad_norm,
         precision=config.precision, gradient_checkpointing=config.gradient_checkpointing,
         eval_every=config.eval_every, eval_rows=config.eval_rows, save_every=config.save_every,
-        checkpoint_dir=checkpoint_dir, resume=Path(config.resume) if config.resume else None, seed=config.seed,
+        checkpoint_dir=checkpoints, resume=Path(config.resume) if config.resume else None, seed=config.seed,
         fingerprint=fingerprint(config, lr))
     with timer.stage("train"):
         result = train(adapted.model, data.train, data.eval, settings)
@@ -153,29 +168,31 @@ def run_adapt(config: AdaptConfig) -> Report:
 
     process = PartialState()  # under `accelerate launch`, one process writes; the others wait for it
     if process.is_main_process:
-        _write(config, report, deltas, use_dora, base_path, result, timer, checkpoint_dir)
+        _write(config, report, deltas, use_dora, base_path, result, timer, checkpoints)
     process.wait_for_everyone()
     return report
 
 
 def _write(config: AdaptConfig, report: Report, deltas, use_dora: bool, base_path: Path, result, timer: StageTimer,
            checkpoint_dir: Path) -> None:
-    with atomic_output_dir(Path(config.out), config.overwrite) as tmp:
+    with atomic_output_dir(Path(config.out), config.overwrite, input_refs(config)) as tmp:
         with timer.stage("write"):
             base = load_model_and_tokenizer(config.model, device=config.device, dtype=config.dtype,
                                             allow_pickle=config.allow_pickle, with_tokenizer=False).model
-            peft_model = attach_exported(base, deltas, use_dora, str(base_path))
+            # A hub id is recorded as such (portable); a local model as its absolute path.
+            hub_id = not config.model.startswith("builtin:") and not Path(config.model).expanduser().exists()
+            peft_model = attach_exported(base, deltas, use_dora, config.model if hub_id else str(base_path))
             peft_model.save_pretrained(tmp)
             plot_curve(result.curve, result.evals, tmp / "training_curve.png", f"{config.method} on {config.model}")
             report.output = {"path": str(Path(config.out).resolve()), "adapter": "PEFT LoRA" + (" (DoRA)" if use_dora else ""),
                              "plot": "training_curve.png"}
             if config.merge:
                 merged = peft_model.merge_and_unload()
-                write_checkpoint(merged, tmp / "merged", source_dir=base_path, max_shard_size=config.shard_size)
+                write_checkpoint(merged, tmp / "merged", source_dir=base_path, max_shard_size=shard_size_bytes(config.shard_size))
                 report.output["merged"] = "merged"
             if config.save_every:
                 report.output["checkpoints"] = str(checkpoint_dir)
         report.timings_s = dict(timer.seconds)
         report.peak_rss_mb = peak_rss_mb()
         report.peak_device_mb = peak_device_mb()
-        write_outputs(tmp, report, {"verb": "adapt", "config": config.model_dump(mode="json")})
+        write_outputs(tmp, report, stored_recipe("adapt", config))

@@ -3,20 +3,20 @@ these fields (help text is each field's description)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from subspace_cli.pipelines.compress_config import RunOptions
-
+from subspace_cli.pipelines.config_paths import DATA, LOCAL, MODEL, OUTPUT
 
 
 class AdaptConfig(RunOptions):
-    model: str = Field(description="model: local directory, cached hub id, or builtin:smollm2-135m")
-    out: str = Field(description="output directory (written atomically): a PEFT adapter, report, and with --merge a merged checkpoint")
+    model: Annotated[str, MODEL] = Field(description="model: local directory, cached hub id, or builtin:smollm2-135m")
+    out: Annotated[str, OUTPUT] = Field(description="output directory (written atomically): a PEFT adapter, report, and with --merge a merged checkpoint")
     method: str = Field("lora", description="adapter method (see `subspace methods`)")
     options: dict[str, Any] = Field(default_factory=dict, description="method options as KEY=VALUE (see `subspace methods NAME`)")
-    data: list[str] = Field(
+    data: Annotated[list[str], DATA] = Field(
         default_factory=lambda: ["builtin:kjv"],
         description="training data: text file, directory of .txt, .jsonl (text, alpaca instruction/input/output, or chat "
         "messages), builtin:shakespeare, builtin:kjv; several sources are concatenated")
@@ -40,8 +40,8 @@ class AdaptConfig(RunOptions):
     eval_every: int = Field(25, ge=0, description="evaluate held-out loss every N steps (0: only before and after)")
     eval_rows: int = Field(64, ge=0, description="held-out sequences scored per evaluation (the first N; 0: all)")
     save_every: int = Field(0, ge=0, description="write a resumable training checkpoint every N steps (0: never)")
-    checkpoint_dir: str | None = Field(None, description="where training checkpoints go (default: OUT.checkpoints beside --out)")
-    resume: str | None = Field(None, description="resume from a training checkpoint directory (a step-N folder, or the checkpoint dir for the latest)")
+    checkpoint_dir: Annotated[str | None, OUTPUT] = Field(None, description="where training checkpoints go (default: OUT.checkpoints beside --out)")
+    resume: Annotated[str | None, LOCAL] = Field(None, description="resume from a training checkpoint directory (a step-N folder, or the checkpoint dir for the latest)")
     merge: bool = Field(False, description="also write the merged full model to OUT/merged")
     shard_size: str = Field("2GB", description="maximum safetensors shard size of the merged checkpoint")
     overwrite: bool = Field(False, description="replace a non-empty output directory")

@@ -8,6 +8,7 @@ written with lora_alpha = its rank (scaling 1); layers of other ranks go in `ran
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -37,6 +38,13 @@ def attach_exported(base: nn.Module, deltas: dict[str, LoraDelta], use_dora: boo
     import peft
 
     fan_in_fan_out = any(type(base.get_submodule(p)).__name__ == "Conv1D" for p in deltas)
+    # PEFT (AutoPeftModel*, the model card) reads base_model_name_or_path from wherever the adapter
+    # is later loaded: a path relative to this run's directory would point nowhere. (A name that is
+    # not a local path, such as a hub id, is kept.)
+    if Path(base_path).expanduser().exists():
+        base_path = os.path.abspath(os.path.expanduser(base_path))
+    if "name_or_path" in vars(base):  # get_peft_model takes the name from the model, over the config's
+        base.name_or_path = base_path
     config = peft_config_for(deltas, use_dora, fan_in_fan_out, base_path)
     peft_model = peft.get_peft_model(base, config)
     root = peft_model.base_model.model

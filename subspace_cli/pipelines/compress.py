@@ -24,9 +24,11 @@ from torch import nn
 
 from subspace_cli import __version__
 from subspace_cli.errors import UsageError
-from subspace_cli.io.checkpoint import atomic_output_dir, check_output_dir, param_count, write_checkpoint
+from subspace_cli.io.checkpoint import param_count, write_checkpoint
 from subspace_cli.io.discovery import block_linears, compile_pattern, find_blocks, set_submodule, weight_matrix
 from subspace_cli.io.models import load_model_and_tokenizer
+from subspace_cli.io.output_dir import atomic_output_dir, check_output_dir
+from subspace_cli.io.sharded_writer import shard_size_bytes
 from subspace_cli.linalg.gram import GramStats
 from subspace_cli.linalg.rank_allocation import MatrixSpec, allocate, factored_params
 from subspace_cli.linalg.truncation import decompose, energy_kept, factors, weighted_relative_error
@@ -34,6 +36,7 @@ from subspace_cli.methods.registry import Method, MethodConfig, get_method
 from subspace_cli.modules.lowrank import LowRankLinear, densify_
 from subspace_cli.pipelines.calibration import BlockStream, collect_dense_grams, record_inputs
 from subspace_cli.pipelines.compress_config import CompressConfig
+from subspace_cli.pipelines.config_paths import input_refs, stored_recipe
 from subspace_cli.pipelines.datasets import EvalSet, calibration_ids, evaluation_sets
 from subspace_cli.pipelines.dictionary_layers import Member, compress_group, dictionary_budget, projection_type
 from subspace_cli.pipelines.distributed import Processes, current_processes, shared_perplexity
@@ -74,10 +77,18 @@ def validate(config: CompressConfig) -> tuple[Method, MethodConfig]:
     method_config = method.make_config(options)
     compile_pattern(config.targets, "--targets")
     compile_pattern(config.exclude, "--exclude")
-    check_output_dir(Path(config.out), config.overwrite)
+    check_output_dir(Path(config.out), config.overwrite, input_refs(config))
+    shard_size_bytes(config.shard_size)
     if "calibration" in method.needs and not config.calib:
         raise UsageError(f"method '{method.name}' needs calibration data; pass --calib (e.g. builtin:shakespeare)")
     return method, method_config
+
+
+def refuse_factored(model: nn.Module, ref: str) -> None:
+    """A checkpoint written by compress holds LowRankLinear / DictionaryLinear layers, not Linears to factor."""
+    if getattr(model.config, "subspace", None):
+        raise UsageError(f"model '{ref}' is already compressed by subspace (a factored checkpoint); compress the "
+                         "dense model it came from (its recipe.yaml names it) at the ratio you want overall")
 
 
 def compress_layer(module: nn.Module, stats: GramStats | None, rank: int | None, state: CompressState, name: str) -> nn.Module:
@@ -244,6 +255,7 @@ def compress_and_write(config: CompressConfig) -> tuple[Report, nn.Module]:
             placement = place_blocks(loaded.model, work.devices, unit=getattr(method_config, "group_size", 1))
             work = work.model_copy(update={"device": placement.input_device})  # where inputs go in
     model, tokenizer = loaded.model, loaded.tokenizer
+    refuse_factored(model, work.model)
     state = CompressState(config=work, method=method, method_config=method_config, processes=processes)
     notes = state.notes
     if placement is not None:
@@ -277,13 +289,13 @@ def compress_and_write(config: CompressConfig) -> tuple[Report, nn.Module]:
         processes.barrier()  # released once the main process has written (or failed to)
         return _build_report(config, state, model, params_before, before, after, timer, notes), model
     try:
-        with atomic_output_dir(Path(config.out), config.overwrite) as tmp:
+        with atomic_output_dir(Path(config.out), config.overwrite, input_refs(config)) as tmp:
             with timer.stage("write"):
                 if config.format == "dense":
                     densify_(model)
-                write_checkpoint(model, tmp, source_dir=loaded.path, max_shard_size=config.shard_size)
+                write_checkpoint(model, tmp, source_dir=loaded.path, max_shard_size=shard_size_bytes(config.shard_size))
             report = _build_report(config, state, model, params_before, before, after, timer, notes)
-            write_outputs(tmp, report, recipe={"verb": "compress", "config": config.model_dump(mode="json")})
+            write_outputs(tmp, report, stored_recipe("compress", config))
     finally:
         processes.barrier()  # in `finally`: a failed write must not leave the others waiting forever
     return report, model

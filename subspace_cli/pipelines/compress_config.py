@@ -3,15 +3,18 @@ these fields (help text is each field's description)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from subspace_cli.pipelines.config_paths import DATA, MODEL, OUTPUT
 
 
 class RunOptions(BaseModel):
     """Options every verb shares."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: `--lr inf` or `--ratio nan` is a typo, refused before any work.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the model is loaded and written in")
@@ -25,8 +28,8 @@ DEVICES_DESCRIPTION = ("place the model's blocks over several devices in one pro
 
 
 class CompressConfig(RunOptions):
-    model: str = Field(description="model: local directory, cached hub id, or builtin:smollm2-135m / builtin:minilm-l6")
-    out: str = Field(description="output directory (written atomically)")
+    model: Annotated[str, MODEL] = Field(description="model: local directory, cached hub id, or builtin:smollm2-135m / builtin:minilm-l6")
+    out: Annotated[str, OUTPUT] = Field(description="output directory (written atomically)")
     method: str = Field("svd-llm", description="compression method (see `subspace methods`)")
     options: dict[str, Any] = Field(default_factory=dict, description="method options as KEY=VALUE (see `subspace methods NAME`)")
     ratio: float = Field(0.2, gt=0.0, lt=1.0, description="fraction of the targeted layers' parameters to remove")
@@ -41,14 +44,14 @@ class CompressConfig(RunOptions):
         description="global allocation: no matrix gets a rank below this fraction of its uniform-allocation rank "
         "(whitened energy alone under-rates matrices dominated by outlier channels)")
     sequential: bool = Field(True, description="fit each block to the activations of the blocks already compressed")
-    calib: list[str] = Field(
+    calib: Annotated[list[str], DATA] = Field(
         # A mix of two domains generalises best of the remedies measured (benchmarks/RESULTS.md).
         default_factory=lambda: ["builtin:shakespeare", "builtin:kjv"],
         description="calibration data: text file, directory of .txt, .jsonl with 'text', builtin:shakespeare, builtin:kjv, "
         "or self (text sampled from the model); several sources are mixed evenly")
     calib_samples: int = Field(64, ge=1, description="number of calibration sequences")
     calib_seqlen: int = Field(256, ge=8, description="tokens per calibration sequence")
-    eval: list[str] | None = Field(None, description="data to score perplexity on (held-out 5% of each); default: the calibration sources")
+    eval: Annotated[list[str] | None, DATA] = Field(None, description="data to score perplexity on (held-out 5% of each); default: the calibration sources")
     eval_seqlen: int = Field(512, ge=8, description="tokens per perplexity window (non-overlapping)")
     eval_chars: int = Field(40000, ge=100, description="characters of held-out text scored per source")
     skip_eval: bool = Field(False, description="skip the before/after perplexity evaluation")

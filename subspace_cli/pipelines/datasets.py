@@ -49,7 +49,9 @@ def evaluation_sets(config, model, tokenizer, notes: list[str]) -> list[EvalSet]
     if not specs:
         notes.append("perplexity skipped: no evaluation data (pass --eval)")
     check_seqlen(model, config.eval_seqlen, "--eval-seqlen")
+    flag = "--eval" if config.eval is not None else "--calib"
     return [
-        EvalSet(spec, data.eval_windows(tokenizer, data.load_heldout(spec), config.eval_seqlen, config.eval_chars))
+        EvalSet(spec, data.eval_windows(tokenizer, data.load_heldout(spec, flag=flag), config.eval_seqlen,
+                                        config.eval_chars, what=f"the held-out 5% of {flag} '{spec}'"))
         for spec in specs
     ]

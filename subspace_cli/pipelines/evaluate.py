@@ -8,12 +8,13 @@ are non-overlapping, `eval_seqlen` tokens each, over the first `eval_chars` char
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
 from subspace_cli.errors import UsageError
 from subspace_cli.pipelines.compress_config import DEVICES_DESCRIPTION, RunOptions
+from subspace_cli.pipelines.config_paths import DATA, MODEL
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +23,9 @@ BASELINE_FIELDS = ("baseline_ppl", "baseline_nll", "ppl_ratio", "kl", "embedding
 
 
 class EvalConfig(RunOptions):
-    model: str = Field(description="model: local directory, cached hub id, or builtin:smollm2-135m / builtin:minilm-l6")
-    data: str = Field(description="evaluation data: text file, directory of .txt, .jsonl with 'text', builtin:shakespeare or builtin:kjv")
-    baseline: str | None = Field(None, description="reference model for ppl_ratio and per-token KL (or embedding similarity for encoders)")
+    model: Annotated[str, MODEL] = Field(description="model: local directory, cached hub id, or builtin:smollm2-135m / builtin:minilm-l6")
+    data: Annotated[str, DATA] = Field(description="evaluation data: text file, directory of .txt, .jsonl with 'text', builtin:shakespeare or builtin:kjv")
+    baseline: Annotated[str | None, MODEL] = Field(None, description="reference model for ppl_ratio and per-token KL (or embedding similarity for encoders)")
     eval_seqlen: int = Field(512, ge=2, description="tokens per perplexity window")
     eval_chars: int = Field(40000, ge=100, description="characters of the split scored (from its start)")
     split: Literal["heldout", "all"] = Field("heldout", description="heldout: the last 5% of the data (never used for calibration); all: the whole text")
@@ -54,10 +55,10 @@ def validate(config: EvalConfig):
 def evaluation_text(config: EvalConfig) -> str:
     from subspace_cli.io.data import load_text, split_holdout, split_specs
 
-    specs = split_specs(config.data)
+    specs = split_specs(config.data, "--data")
     if len(specs) != 1:
         raise UsageError(f"--data '{config.data}' names {len(specs)} sources; eval scores one, run it once per source")
-    text = load_text(specs[0])
+    text = load_text(specs[0], "--data")
     return split_holdout(text)[1] if config.split == "heldout" else text
 
 
@@ -108,7 +109,9 @@ def run_eval(config: EvalConfig) -> dict:
     if baseline is not None:
         _check_tokenizers(loaded.tokenizer, baseline.tokenizer, config)
     check_seqlen(loaded.model, config.eval_seqlen, "--eval-seqlen")
-    windows = eval_windows(tokenizer, text, config.eval_seqlen, max_chars=config.eval_chars)  # [n, L]
+    what = f"the held-out 5% of --data '{config.data}' (or --split all for the whole text)" \
+        if config.split == "heldout" else f"--data '{config.data}'"
+    windows = eval_windows(tokenizer, text, config.eval_seqlen, max_chars=config.eval_chars, what=what)  # [n, L]
 
     with timer.stage("evaluate"), progress_bar("evaluating windows", total=windows.shape[0]) as advance:
 

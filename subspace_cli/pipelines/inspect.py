@@ -13,11 +13,15 @@ kept, for the plot.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from typing import Annotated
+
 from pydantic import Field
 
 from subspace_cli.errors import UsageError
 from subspace_cli.pipelines.compress_config import RunOptions
+from subspace_cli.pipelines.config_paths import DATA, MODEL, OUTPUT
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +30,15 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 class InspectConfig(RunOptions):
-    model: str = Field(description="model: local directory, cached hub id, or builtin:smollm2-135m / builtin:minilm-l6")
-    calib: str | None = Field(
+    model: Annotated[str, MODEL] = Field(description="model: local directory, cached hub id, or builtin:smollm2-135m / builtin:minilm-l6")
+    calib: Annotated[str | None, DATA] = Field(
         None, description="calibration data for whitened spectra: text file, directory of .txt, .jsonl with 'text', "
         "builtin:shakespeare or builtin:kjv (windows come from its first 95%)")
     calib_samples: int = Field(32, ge=1, description="number of calibration sequences (with --calib)")
     calib_seqlen: int = Field(256, ge=2, description="tokens per calibration sequence (with --calib)")
     targets: str | None = Field(None, description="regex: only layers whose dotted path matches")
     exclude: str | None = Field(None, description="regex: skip layers whose dotted path matches")
-    plot: str | None = Field(None, description="write a PNG of the normalised spectra (σ_i/σ_1) to this path")
+    plot: Annotated[str | None, OUTPUT] = Field(None, description="write a PNG of the normalised spectra (σ_i/σ_1) to this path")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass (with --calib)")
 
 
@@ -44,14 +48,23 @@ def validate(config: InspectConfig) -> None:
 
     compile_pattern(config.targets, "--targets")
     compile_pattern(config.exclude, "--exclude")
+    if config.plot is not None and not config.plot.strip():
+        raise UsageError("--plot is empty; pass a file name such as spectra.png")
     if config.plot:
         parent = Path(config.plot).expanduser().resolve().parent
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"--plot '{config.plot}': '{parent}' is a file, not a directory")
         if not parent.is_dir():
             raise UsageError(f"--plot '{config.plot}': directory '{parent}' does not exist; create it first")
         if Path(config.plot).is_dir():
             raise UsageError(f"--plot '{config.plot}' is a directory; pass a file name such as spectra.png")
         if Path(config.plot).suffix.lower() not in PLOT_SUFFIXES:
             raise UsageError(f"--plot '{config.plot}': unsupported image type; valid suffixes: {', '.join(PLOT_SUFFIXES)}")
+        from subspace_cli.io.output_dir import check_not_an_input, probe_writable
+
+        check_not_an_input(Path(config.plot), [("model", config.model), *([("--calib", config.calib)] if config.calib else [])],
+                           "--plot")
+        probe_writable(parent, Path(config.plot), "--plot")
 
 
 def spectrum_summary(s, prefix: str = "") -> dict:
@@ -165,8 +178,15 @@ def plot_spectra(path: str, spectra: dict) -> None:
     handles = [plt.Line2D([], [], color=colours[k], label=k) for k in kinds]
     axes[0][-1].legend(handles=handles, fontsize="small", loc="lower left")
     fig.tight_layout()
-    fig.savefig(Path(path).expanduser(), dpi=120)
-    plt.close(fig)
+    # Written beside the target and renamed, so a failed write never leaves half an image at `path`.
+    target = Path(path).expanduser()
+    partial = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(partial, dpi=120, format=target.suffix.lstrip(".").lower())
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+        plt.close(fig)
 
 
 def run_inspect(config: InspectConfig) -> dict:

@@ -1,7 +1,8 @@
 """The merge verb: open inputs lazily -> check layouts -> merge tensor by tensor -> write shards -> report.
 
 Every method but `concrete` streams: one tensor name at a time, the base and the N inputs are
-read from their safetensors files (plain reads, no memory maps), merged in float32 and written
+read from their safetensors files (plain reads, no memory maps; pickle weights only with --allow-pickle,
+memory-mapped), checked finite, merged in float32 and written
 straight to the output shards (their layout is the base's, known before the first tensor), so peak
 memory is about N + 2 tensors plus the method's working copies. `concrete` trains a mask over the targeted
 tensors with the base model in memory (methods/merge/concrete.py), then streams the rest.
@@ -20,16 +21,21 @@ import torch
 
 from subspace_cli import __version__
 from subspace_cli.errors import UsageError
-from subspace_cli.io.checkpoint import COPIED_FILES, atomic_output_dir, check_output_dir
+from subspace_cli.io.checkpoint import COPIED_FILES
 from subspace_cli.io.devices import check_device
-from subspace_cli.io.lazy_checkpoint import LazyCheckpoint, compare_layouts
-from subspace_cli.io.lora_checkpoint import LoraCheckpoint, is_lora_adapter
+from subspace_cli.io.lazy_checkpoint import compare_layouts
+from subspace_cli.io.lora_checkpoint import LoraCheckpoint
+from subspace_cli.io.models import load_tokenizer
+from subspace_cli.io.output_dir import atomic_output_dir, check_output_dir
 from subspace_cli.io.planned_writer import PlannedShardWriter, TensorSpec
-from subspace_cli.io.sharded_writer import parse_size
-from subspace_cli.io.models import resolve_model_path
+from subspace_cli.io.sharded_writer import shard_size_bytes
 from subspace_cli.methods.merge.base import TensorInputs, merged_sparsity, task_vector_stats
 from subspace_cli.methods.registry import get_method
+from subspace_cli.pipelines.config_paths import input_refs, stored_recipe
 from subspace_cli.pipelines.merge_config import MergeConfig
+from subspace_cli.pipelines.merge_inputs import (
+    input_labels, model_dir, check_vocabularies, eval_windows, open_inputs, require_finite, task_batches,
+)
 from subspace_cli.pipelines.progress import progress_bar
 from subspace_cli.report.render import write_outputs
 from subspace_cli.report.resources import StageTimer, peak_device_mb, peak_rss_mb
@@ -74,76 +80,9 @@ def validate(config: MergeConfig):
         task, sep, source = pair.partition("=")
         if not sep or not task or not source:
             raise UsageError(f"--eval '{pair}' is not TASK=SOURCE (e.g. kjv=builtin:kjv)")
-    parse_size(config.shard_size)
-    check_output_dir(Path(config.out), config.overwrite)
+    shard_size_bytes(config.shard_size)
+    check_output_dir(Path(config.out), config.overwrite, input_refs(config))
     return method, method_config, weights, densities
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def _labels(refs: list[str]) -> list[str]:
-    """Report labels for the inputs: the references, numbered where the same one appears twice."""
-    return [ref if refs.count(ref) == 1 else f"{ref}#{i + 1}" for i, ref in enumerate(refs)]
-
-
-def open_inputs(config: MergeConfig, stack: contextlib.ExitStack):
-    """(base checkpoint or None, [input checkpoints]) as lazy readers; LoRA adapters sit on the base."""
-    base = None
-    if config.base is not None:
-        base = stack.enter_context(LazyCheckpoint(resolve_model_path(config.base)))
-    inputs = []
-    for ref in config.models:
-        path = Path(ref).expanduser()
-        if path.is_dir() and is_lora_adapter(path):
-            if base is None:
-                raise UsageError(f"model '{ref}' is a LoRA adapter; pass --base, the model it was trained on")
-            inputs.append(stack.enter_context(LoraCheckpoint(base, path)))
-        else:
-            inputs.append(stack.enter_context(LazyCheckpoint(resolve_model_path(ref))))
-    return base, inputs
-
-
-def _model_dir(checkpoint) -> Path:
-    return Path(getattr(checkpoint, "path", None) or checkpoint.base.path)
-
-
-_VOCAB_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "merges.txt", "added_tokens.json")
-
-
-def _tokenizer_files(directory: Path) -> dict[str, bytes]:
-    return {name: (directory / name).read_bytes() for name in _VOCAB_FILES if (directory / name).is_file()}
-
-
-def check_vocabularies(reference, reference_label: str, others: list, labels: list[str]) -> None:
-    """Same tokens with the same ids everywhere (shapes alone miss a reordered vocabulary). Tokenizers
-    are loaded only where the vocabulary files are not byte-identical to the reference's."""
-    def vocab(checkpoint):
-        from transformers import AutoTokenizer
-
-        directory = _model_dir(checkpoint)
-        if not any((directory / name).is_file() for name in _VOCAB_FILES[:4]):
-            return None
-        return AutoTokenizer.from_pretrained(directory).get_vocab()
-
-    reference_files = _tokenizer_files(_model_dir(reference))
-    if not any(name in reference_files for name in _VOCAB_FILES[:4]):
-        return
-    wanted = None
-    for checkpoint, label in zip(others, labels):
-        if isinstance(checkpoint, LoraCheckpoint):
-            continue  # an adapter uses its base's tokenizer
-        if _tokenizer_files(_model_dir(checkpoint)) == reference_files:
-            continue  # byte-identical vocabulary files: nothing to load
-        wanted = wanted if wanted is not None else vocab(reference)
-        got = vocab(checkpoint)
-        if got is None or got == wanted:
-            continue
-        token = next((t for t in sorted(wanted, key=wanted.get) if got.get(t) != wanted[t]), None)
-        detail = f"token {token!r} has id {got.get(token)} there and {wanted[token]} in {reference_label}" if token \
-            else f"{len(got)} tokens against {len(wanted)}"
-        raise UsageError(f"model '{label}' has a different vocabulary from {reference_label}: {detail}; "
-                         "merging needs one tokenizer")
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -175,12 +114,21 @@ def _record(name: str, merged: torch.Tensor, base: torch.Tensor | None, models: 
                              sign_conflict=task_vector_stats(base, models)["sign_conflict"], mask_density=mask_density)
 
 
+def _read_finite(checkpoint, name: str, label: str) -> torch.Tensor:
+    """One input tensor in float32, refused (exit 2) when it holds NaN or Inf: checked as stored, since
+    the merge would otherwise fail later as a numerical error of its own (exit 3)."""
+    tensor = checkpoint.get(name)
+    require_finite(tensor, label, name)
+    return tensor.float()
+
+
 def stream_merge(config: MergeConfig, method, method_config, base, inputs, weights, densities, writer: PlannedShardWriter,
                  replaced: dict[str, torch.Tensor] | None = None, mask_density: dict[str, float] | None = None,
                  ) -> list[MergeTensorReport]:
     """Merge every tensor name of the reference checkpoint; `replaced` holds tensors merged already (concrete)."""
     reference = base if base is not None else inputs[0]
     names = reference.names()
+    labels = input_labels(config.models)
     records = []
     with progress_bar("merging tensors", total=len(names)) as advance:
         for name in names:
@@ -189,8 +137,8 @@ def stream_merge(config: MergeConfig, method, method_config, base, inputs, weigh
                 writer.add(name, reference.get(name))
                 advance()
                 continue
-            base_t = base.get(name).float() if base is not None else None
-            models = [checkpoint.get(name).float() for checkpoint in inputs]
+            base_t = _read_finite(base, name, config.base) if base is not None else None
+            models = [_read_finite(checkpoint, name, label) for checkpoint, label in zip(inputs, labels)]
             if replaced is not None and name in replaced:
                 merged = replaced[name]
             else:
@@ -224,24 +172,23 @@ def _write_config(reference_dir: Path, out: Path, config: MergeConfig) -> None:
 
 def concrete_merge(config: MergeConfig, method_config, base, inputs, weights, timer: StageTimer):
     """Train the shared mask on the base model in memory; returns (merged targeted tensors, densities, losses, notes)."""
-    from subspace_cli.io import data
     from subspace_cli.io.models import load_model_and_tokenizer
     from subspace_cli.methods.merge.concrete import fit_concrete_mask, select_targets
 
     with timer.stage("load"):
-        loaded = load_model_and_tokenizer(str(_model_dir(base)), dtype="float32", device=config.device,
+        loaded = load_model_and_tokenizer(str(model_dir(base)), dtype="float32", device=config.device,
                                           allow_pickle=config.allow_pickle)
     model, tokenizer = loaded.model, loaded.tokenizer
     if tokenizer is None:
         raise UsageError(f"base '{config.base}' has no tokenizer files; concrete needs them to read --data")
     with timer.stage("data"):
-        batches = [data.resolve_calibration([spec], tokenizer, config.samples, config.seqlen, config.seed + i).input_ids
-                   for i, spec in enumerate(config.data)]
+        batches = task_batches(config, tokenizer)
     names = select_targets(model, method_config.targets)
     task_vectors = {}
     for name in names:
-        theta0 = base.get(name).float()
-        task_vectors[name] = [w * (checkpoint.get(name).float() - theta0) for checkpoint, w in zip(inputs, weights)]
+        theta0 = _read_finite(base, name, config.base)
+        task_vectors[name] = [w * (_read_finite(checkpoint, name, label) - theta0)
+                              for checkpoint, w, label in zip(inputs, weights, input_labels(config.models))]
     with timer.stage("mask"), progress_bar("training the concrete mask", total=method_config.steps) as advance:
         result = fit_concrete_mask(model, task_vectors, batches, method_config,
                                    torch.Generator().manual_seed(config.seed), progress=lambda step, loss: advance())
@@ -259,28 +206,22 @@ def _load_for_eval(checkpoint, config: MergeConfig):
     if isinstance(checkpoint, LoraCheckpoint):
         from peft import PeftModel
 
-        base = load_model_and_tokenizer(str(checkpoint.base.path), with_tokenizer=False, device=config.device).model
+        base = load_model_and_tokenizer(str(checkpoint.base.path), with_tokenizer=False, device=config.device,
+                                        allow_pickle=config.allow_pickle).model
         return PeftModel.from_pretrained(base, str(checkpoint.adapter_dir)).merge_and_unload().eval()
-    return load_model_and_tokenizer(str(_model_dir(checkpoint)), with_tokenizer=False, device=config.device).model.eval()
+    return load_model_and_tokenizer(str(model_dir(checkpoint)), with_tokenizer=False, device=config.device,
+                                    allow_pickle=config.allow_pickle).model.eval()
 
 
 def evaluate_merge(config: MergeConfig, merged_dir: Path, base, inputs, labels: list[str], merge: MergeReport,
-                   notes: list[str]) -> None:
-    """Held-out perplexity per task of the merge, the base and every input; normalised to the specialists."""
+                   notes: list[str], windows: dict[str, torch.Tensor]) -> None:
+    """Held-out perplexity per task of the merge, the base and every input; normalised to the specialists.
+    `windows`: each task's token windows (merge_inputs.eval_windows, read before the merge)."""
     import gc
 
     from subspace_cli.evaluate.perplexity import is_causal_lm, perplexity
-    from subspace_cli.io import data
-    from subspace_cli.io.models import load_tokenizer
 
-    try:
-        tokenizer = load_tokenizer(merged_dir)
-    except UsageError:
-        notes.append("perplexity skipped: the base has no tokenizer files")
-        return
     tasks = [pair.partition("=")[::2] for pair in config.eval]
-    windows = {task: data.eval_windows(tokenizer, data.load_heldout(source), config.eval_seqlen, config.eval_chars)
-               for task, source in tasks}
     candidates = [("merged", None)] + ([("base", base)] if base is not None else []) + list(zip(labels, inputs))
     table: dict[str, dict[str, float]] = {task: {} for task, _ in tasks}
     with progress_bar("evaluating models", total=len(candidates) * len(tasks)) as advance:
@@ -332,14 +273,17 @@ def run_merge(config: MergeConfig) -> Report:
     check_device(config.device)
     timer = StageTimer()
     notes: list[str] = []
-    labels = _labels(config.models)
+    labels = input_labels(config.models)
     with contextlib.ExitStack() as stack:
         with timer.stage("open"):
-            base, inputs = open_inputs(config, stack)
+            base, inputs = open_inputs(config, stack, notes)
             reference, reference_label = (base, f"the base '{config.base}'") if base is not None else (inputs[0], f"'{labels[0]}'")
             others = [(label, c) for label, c in zip(labels, inputs) if c is not reference]
             compare_layouts(reference, others, reference_label=reference_label)
             check_vocabularies(reference, reference_label, [c for _, c in others], [label for label, _ in others])
+            # --eval text is read and tokenized now (the reference's tokenizer is the one the merge gets), so a
+            # bad source fails before the merge rather than after it.
+            windows = eval_windows(config, load_tokenizer(model_dir(reference))) if config.eval else {}
         merge = MergeReport(base=config.base, models=list(config.models), weights=weights, densities=densities)
         replaced = density = None
         if config.method == "concrete":
@@ -350,22 +294,22 @@ def run_merge(config: MergeConfig) -> Report:
             method = get_method("merge", "task-arithmetic")
             method_config = method.make_config({"lambda": method_config.lambda_})
         out = Path(config.out)
-        with atomic_output_dir(out, config.overwrite) as tmp:
+        with atomic_output_dir(out, config.overwrite, input_refs(config)) as tmp:
             layout = output_layout(config, reference)
-            with timer.stage("merge"), PlannedShardWriter(tmp, parse_size(config.shard_size), layout) as writer:
+            with timer.stage("merge"), PlannedShardWriter(tmp, shard_size_bytes(config.shard_size), layout) as writer:
                 merge.tensors = stream_merge(config, method, method_config, base, inputs, weights, densities, writer,
                                              replaced, density)
                 shards = writer.finish()
-            _write_config(_model_dir(reference), tmp, config)
+            _write_config(model_dir(reference), tmp, config)
             if config.method == "concrete":
                 plot_mask_density(merge, tmp / "mask_density.png")
             if config.eval:
                 with timer.stage("evaluate"):
-                    evaluate_merge(config, tmp, base, inputs, labels, merge, notes)
+                    evaluate_merge(config, tmp, base, inputs, labels, merge, notes, windows)
             report = Report(
                 tool_version=__version__, verb="merge", model=config.base or config.models[0], method=config.method,
                 options=config.options, merge=merge, timings_s=timer.seconds, peak_rss_mb=round(peak_rss_mb(), 1),
                 peak_device_mb=peak_device_mb(), notes=notes,
                 output={"path": str(out), "shards": shards.get("shards"), "bytes": shards.get("total_bytes")})
-            write_outputs(tmp, report, {"verb": "merge", "config": config.model_dump(mode="json")})
+            write_outputs(tmp, report, stored_recipe("merge", config))
     return report

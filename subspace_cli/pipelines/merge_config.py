@@ -3,11 +3,12 @@ these fields (help text is each field's description)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
 from subspace_cli.pipelines.compress_config import RunOptions
+from subspace_cli.pipelines.config_paths import DATA, MODEL, OUTPUT, TASK_DATA
 
 
 def _split_commas(value):
@@ -18,23 +19,31 @@ def _split_commas(value):
     return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
 
 
+# A per-model number: inf / nan would pass as floats and only fail mid-merge.
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class MergeConfig(RunOptions):
-    models: list[str] = Field(
+    models: Annotated[list[str], MODEL] = Field(
         description="fine-tuned models (directories, cached hub ids, builtin:NAME) or PEFT LoRA adapter directories "
         "(applied to --base); at least two")
-    out: str = Field(description="output directory (written atomically): the merged checkpoint and its report")
-    base: str | None = Field(None, description="the base model the inputs were fine-tuned from (needed by every method but linear)")
+    out: Annotated[str, OUTPUT] = Field(description="output directory (written atomically): the merged checkpoint and its report")
+    base: Annotated[str | None, MODEL] = Field(None, description="the base model the inputs were fine-tuned from (needed by every method but linear)")
+    force_base: bool = Field(
+        False, description="apply LoRA adapters to --base even when it is not the base recorded in their "
+        "adapter_config.json (base_model_name_or_path) and its weights differ")
     method: str = Field("task-arithmetic", description="merge method (see `subspace methods`)")
     options: dict[str, Any] = Field(default_factory=dict, description="method options as KEY=VALUE, e.g. lambda=0.5 (see `subspace methods NAME`)")
-    weights: list[float] | None = Field(None, description="per-model weights, in model order (one value applies to all; default 1)")
-    density: list[float] | None = Field(
+    weights: list[Finite] | None = Field(
+        None, description="per-model weights, finite numbers in model order (one value applies to all; default 1)")
+    density: list[Finite] | None = Field(
         None, description="per-model density in (0, 1] for ties / dare (one value applies to all; default 1)")
-    data: list[str] = Field(
+    data: Annotated[list[str], DATA] = Field(
         default_factory=list,
         description="concrete: unlabeled text per task, one source per model in model order (text file, .jsonl, builtin:NAME)")
     samples: int = Field(16, ge=1, description="concrete: sequences sampled per task")
     seqlen: int = Field(128, ge=8, description="concrete: tokens per sequence")
-    eval: list[str] = Field(
+    eval: Annotated[list[str], TASK_DATA] = Field(
         default_factory=list,
         description="TASK=SOURCE pairs: score held-out perplexity of the merge, the base and every input on each; "
         "the i-th pair is the i-th model's task (its specialist) when there is one pair per model")

@@ -18,9 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from subspace_cli.errors import UsageError
+from subspace_cli.io.yaml_files import read_yaml_mapping
 
 MERGEKIT_METHODS = {"linear": "linear", "task_arithmetic": "task-arithmetic", "ties": "ties",
                     "dare_linear": "dare-linear", "dare_ties": "dare-ties"}
@@ -34,15 +33,8 @@ _MERGEKIT_TOP = {"merge_method", "base_model", "models", "parameters", "dtype", 
 
 def read_merge_file(path: Path) -> dict[str, Any]:
     """MergeConfig values (without `out`) from our YAML or a mergekit YAML."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"merge config '{path}' does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UsageError(f"merge config '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(data, dict):
-        raise UsageError(f"merge config '{path}' must be a mapping")
+    data = read_yaml_mapping(Path(path), "merge config",
+                             "our merge fields (models, base, method, ...) or a mergekit config (docs/merge.md)")
     if "merge_method" in data:
         return _from_mergekit(data, path)
     from subspace_cli.pipelines.merge_config import MergeConfig

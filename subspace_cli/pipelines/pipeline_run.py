@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import yaml
 
+from subspace_cli import lifecycle
 from subspace_cli.errors import GateFailed, SubspaceError, UsageError
 from subspace_cli.pipelines.recipes import Plan, PlannedStep
 
@@ -70,7 +71,8 @@ def check_steps(plan: Plan) -> None:
         try:
             validators[step.verb](_checkable(step, produced))
         except UsageError as exc:
-            exc.args = (f"step '{step.name}' ({step.verb}): {exc}",)
+            named = f"step '{step.name}' ({step.verb})" if plan.pipeline else f"({step.verb})"
+            exc.args = (f"recipe '{plan.source}' {named}: {exc}",)
             raise
         if step.out is not None:
             produced.append(Path(step.out).expanduser().resolve())
@@ -102,12 +104,13 @@ class PipelineResult:
 
 def write_pipeline_recipe(plan: Plan, directory: Path) -> Path:
     path = Path(directory) / PIPELINE_FILE
-    header = f"# subspace pipeline, resolved from {plan.source}\n"
+    # Absolute, like the paths below: the file is read from wherever the user is later.
+    header = f"# subspace pipeline, resolved from {Path(plan.source).absolute()}\n"
     if plan.vars:
         header += f"# vars: {json.dumps(plan.vars, default=str)}\n"
     if plan.overrides:
         header += f"# --set: {json.dumps(list(plan.overrides))}\n"
-    header += f"# Every reference and default is filled in; re-run with: subspace run {path}\n"
+    header += f"# Every reference and default is filled in; re-run with: subspace run {path.absolute()}\n"
     path.write_text(header + yaml.safe_dump(plan.resolved_recipe(), sort_keys=False))
     return path
 
@@ -129,6 +132,7 @@ def run_plan(plan: Plan) -> PipelineResult:
         outcomes.append(StepOutcome(step, result))
         if step.out is not None:
             written = str(write_pipeline_recipe(plan, Path(step.out)))
+            lifecycle.keep(f"step '{step.name}' output", step.out)  # an interrupt later on names what is complete
         del result
         gc.collect()  # the step's model is garbage now; free it before the next step loads another
     return PipelineResult(plan, outcomes, written)

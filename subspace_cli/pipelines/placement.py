@@ -45,14 +45,14 @@ def parse_devices(spec: str) -> tuple[str, ...]:
     """`auto` (every visible GPU) or a comma-separated list (`cuda:0,cuda:1`); each one checked."""
     if spec.strip() == "auto":
         if not torch.cuda.is_available():
-            check_device("cuda")  # raises, saying why torch sees no GPU
+            check_device("cuda", f"--devices {spec}")  # raises, saying why torch sees no GPU
         devices = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
     else:
         devices = tuple(d.strip() for d in spec.split(","))
         if not all(devices):
             raise UsageError(f"--devices '{spec}': empty entry; pass 'auto' or a list such as cuda:0,cuda:1")
     for device in devices:
-        check_device(device)
+        check_device(device, f"--devices {spec}")
     cuda = [torch.device(d) for d in devices if torch.device(d).type == "cuda"]
     if any(d.index is None for d in cuda):
         raise UsageError(f"--devices '{spec}': name each GPU with its index (cuda:0,cuda:1), or pass 'auto'")

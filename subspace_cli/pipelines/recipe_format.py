@@ -83,9 +83,25 @@ def build(model: type[BaseModel], values: dict, where: str, kind: str = "field")
         return model(**values)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = ".".join(str(part) for part in err["loc"]) or "config"
+        loc = _place(err["loc"])
         if err["type"] == "missing":
-            raise UsageError(f"{where}: missing required field '{loc}'") from exc
+            raise UsageError(f"{where}: missing required {kind} '{loc}'") from exc
         if err["type"] == "literal_error" and err["loc"] and err["loc"][-1] == "verb":
             raise unknown("verb", err["input"], VERBS, where) from exc
-        raise UsageError(f"{where}: {loc} {err.get('input')!r}: {err['msg']}") from exc
+        if not loc:  # a check across fields (a model validator): its message says what to fix
+            raise UsageError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from exc
+        # Recipe fields by their recipe names (the command line names its flags: cli/options.py).
+        raise UsageError(f"{where}: {kind} '{loc}': {err['msg']}, got {err.get('input')!r}") from exc
+
+
+def _place(loc: tuple) -> str:
+    """pydantic's error location as written in YAML: `models[1]`, `options.alpha`; dict keys as keys."""
+    text = ""
+    for part in loc:
+        if part == "[key]":
+            text += " (key)"
+        elif isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text

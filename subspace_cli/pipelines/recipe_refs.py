@@ -3,8 +3,9 @@
 `${NAME}` is a var (from `vars:` or `--set NAME=VALUE`); `${STEP.FIELD}` is a field of an
 earlier step's resolved config, usually `${STEP.out}`, its output directory. A string that is
 exactly one reference takes the referenced value with its type (a number stays a number, a list
-a list); a reference inside longer text is replaced by its text. Resolution is one pass: the
-substituted values are not scanned again, so a var's value is used as written.
+a list); a reference inside longer text is replaced by its text. A var may use other vars
+(`out: "${work}/out"`); vars are resolved first, each once, and a var that leads back to itself is
+exit 2 naming the cycle. Step configs are then substituted in one pass.
 """
 
 from __future__ import annotations
@@ -44,6 +45,31 @@ def targets(value: Any) -> Iterator[tuple[str, str | None]]:
     elif isinstance(value, list):
         for item in value:
             yield from targets(item)
+
+
+def resolve_vars(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Every var with the vars it uses substituted (dependencies first). A var can refer only to
+    other vars: the steps have not been resolved yet."""
+    done: dict[str, Any] = {}
+
+    def resolve(name: str, chain: list[str]) -> None:
+        if name in done or name not in values:  # an unknown name is reported by substitute below
+            return
+        if name in chain:
+            cycle = " -> ".join([*chain[chain.index(name):], name])
+            itself = "refers to itself" if chain[-1] == name else "refers back to itself"
+            raise UsageError(f"{where}: var '{name}' {itself} ({cycle}); give it a value, or a reference to "
+                             f"a var outside the cycle")
+        for target, attr in targets(values[name]):
+            if attr is not None:
+                raise UsageError(f"{where}: vars.{name}: '${{{target}.{attr}}}' refers to a step; a var can use only "
+                                 f"other vars; write the step reference in a step's config")
+            resolve(target, [*chain, name])
+        done[name] = substitute(values[name], Scope(vars={**values, **done}), f"{where}: vars.{name}")
+
+    for name in values:
+        resolve(name, [])
+    return {name: done[name] for name in values}
 
 
 def substitute(value: Any, scope: Scope, where: str) -> Any:

@@ -16,10 +16,12 @@ import yaml
 from pydantic import BaseModel
 
 from subspace_cli.errors import UsageError
+from subspace_cli.io.yaml_files import load_strict, read_yaml_mapping, yaml_problem
+from subspace_cli.pipelines.config_paths import absolute_recipe
 from subspace_cli.pipelines.recipe_format import (
     PipelineRecipe, SingleStepRecipe, Step, build, check_keys, config_classes, did_you_mean, unknown,
 )
-from subspace_cli.pipelines.recipe_refs import Scope, substitute, targets
+from subspace_cli.pipelines.recipe_refs import Scope, resolve_vars, substitute, targets
 
 
 @dataclass(frozen=True)
@@ -53,21 +55,36 @@ class Plan:
                 "steps": [s.to_dict() for s in self.steps]}
 
     def resolved_recipe(self) -> dict[str, Any]:
-        """The pipeline with every reference and default filled in: re-runnable as it is."""
-        return {"steps": [s.to_dict() for s in self.steps]}
+        """The pipeline with every reference and default filled in, local paths absolute: re-runnable
+        as it is, from any directory. Every step's output counts as local before it exists."""
+        outputs = [s.out for s in self.steps if s.out is not None]
+        return {"steps": [absolute_recipe(s.to_dict(), outputs) for s in self.steps]}
+
+
+FORMS = "{verb, config} for one step or {vars, steps} for a pipeline (docs/recipes.md)"
 
 
 def read_recipe(path: Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"recipe '{path}' does not exist")
+    if path.is_dir():
+        inside = path / "recipe.yaml"
+        hint = (f"; did you mean '{inside}' (the recipe of the run that wrote it)?" if inside.is_file()
+                else "; pass a recipe file")
+        raise UsageError(f"recipe '{path}' is a directory{hint}")
+    return read_yaml_mapping(path, "recipe", FORMS)
+
+
+def parse_set(pair: str, what: str) -> tuple[str, Any]:
+    """`--set KEY=VALUE` into (KEY, VALUE read as YAML); `what` says what KEY may be, for messages."""
+    key, sep, raw = pair.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UsageError(f"--set '{pair}' is not KEY=VALUE; write {what}")
     try:
-        data = yaml.safe_load(path.read_text())
+        return key, load_strict(raw)
     except yaml.YAMLError as exc:
-        raise UsageError(f"recipe '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(data, dict):
-        raise UsageError(f"recipe '{path}' must be a mapping: {{verb, config}} for one step or {{vars, steps}} for a pipeline")
-    return data
+        raise UsageError(f"--set '{pair}': value is not valid YAML: {yaml_problem(exc)}; write a YAML "
+                         "scalar or flow list, e.g. --set data=[a.txt,b.txt]") from exc
 
 
 def load_recipe(path: Path, overrides: list[str]) -> Plan:
@@ -82,17 +99,16 @@ def load_recipe(path: Path, overrides: list[str]) -> Plan:
 
 
 def _single_step(data: dict, overrides: list[str], where: str, source: str) -> Plan:
-    from subspace_cli.cli.common import parse_options
-    from subspace_cli.cli.options import config_from_cli
-
     recipe = build(SingleStepRecipe, data, where, "top-level key")
     config_class = config_classes()[recipe.verb]
-    check_keys(recipe.config, config_class, f"{where} ({recipe.verb})")
+    here = f"{where} ({recipe.verb})"
+    check_keys(recipe.config, config_class, here)
     values = dict(recipe.config)
-    sets = parse_options(overrides, "--set")
-    check_keys(sets, config_class, f"--set ({recipe.verb} recipe)")
-    values.update(sets)
-    config = config_from_cli(config_class, values)  # messages name the flag, as on the command line
+    for pair in overrides or []:
+        key, value = parse_set(pair, f"FIELD=VALUE for a {recipe.verb} field, e.g. --set out=DIR")
+        check_keys({key.replace("-", "_"): value}, config_class, f"--set '{pair}' ({recipe.verb} recipe)")
+        values[key.replace("-", "_")] = value
+    config = build(config_class, values, here)  # messages name the recipe field; the command line names flags
     return Plan(source, False, {}, (PlannedStep(recipe.verb, recipe.verb, config),))
 
 
@@ -110,11 +126,11 @@ def _pipeline(data: dict, overrides: list[str], where: str, source: str) -> Plan
     names = _step_names(recipe.steps, where)
     var_sets, field_sets = _split_overrides(overrides, recipe, names)
 
-    scope = Scope(vars={**recipe.vars, **var_sets})
+    scope = Scope(vars=resolve_vars({**recipe.vars, **var_sets}, where))
     classes = config_classes()
     planned = []
     for i, (name, step) in enumerate(zip(names, recipe.steps)):
-        here = f"step '{name}' ({step.verb})"
+        here = f"{where} step '{name}' ({step.verb})"
         scope.current, scope.later = name, names[i + 1:]
         config_class = classes[step.verb]
         raw = {**step.config, **field_sets[name]}
@@ -123,7 +139,7 @@ def _pipeline(data: dict, overrides: list[str], where: str, source: str) -> Plan
         scope.earlier[name] = config.model_dump(mode="json")
         scope.verbs[name] = step.verb
         planned.append(PlannedStep(name, step.verb, config))
-    _check_outputs(planned)
+    _check_outputs(planned, where)
     return Plan(source, True, scope.vars, tuple(planned), tuple(overrides or ()))
 
 
@@ -140,19 +156,13 @@ def _step_names(steps: list[Step], where: str) -> list[str]:
 
 def _split_overrides(pairs: list[str], recipe: PipelineRecipe, names: list[str]):
     """`--set` pairs into var values and per-step field values; unknown vars and steps are exit 2."""
-    referenced = {target for step in recipe.steps for target, attr in targets(step.config) if attr is None}
+    everywhere = [recipe.vars, *(step.config for step in recipe.steps)]  # vars may use vars
+    referenced = {target for target, attr in targets(everywhere) if attr is None}
     known = [*recipe.vars, *sorted(referenced - set(recipe.vars))]
     var_sets: dict[str, Any] = {}
     field_sets: dict[str, dict[str, Any]] = {name: {} for name in names}
     for pair in pairs or []:
-        key, sep, raw = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UsageError(f"--set '{pair}' is not KEY=VALUE (a var, or STEP.FIELD=VALUE for one step's field)")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise UsageError(f"--set '{pair}': value is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        key, value = parse_set(pair, "NAME=VALUE for a var, or STEP.FIELD=VALUE for one step's field")
         step, dot, field = key.partition(".")
         if dot:
             if step not in field_sets:
@@ -167,7 +177,7 @@ def _split_overrides(pairs: list[str], recipe: PipelineRecipe, names: list[str])
     return var_sets, field_sets
 
 
-def _check_outputs(steps: list[PlannedStep]) -> None:
+def _check_outputs(steps: list[PlannedStep], where: str) -> None:
     """Two steps writing one directory would silently replace the first one's output."""
     seen: dict[Path, str] = {}
     for step in steps:
@@ -175,21 +185,22 @@ def _check_outputs(steps: list[PlannedStep]) -> None:
             continue
         path = Path(step.out).expanduser().resolve()
         if path in seen:
-            raise UsageError(f"steps '{seen[path]}' and '{step.name}' both write '{step.out}'; give each step its own out")
+            raise UsageError(f"{where}: steps '{seen[path]}' and '{step.name}' both write '{step.out}'; "
+                             "give each step its own out")
         seen[path] = step.name
 
 
 def run_recipe(path: Path, overrides: list[str], dry_run: bool = False):
     """Validate everything first; then the single step's result, or a PipelineResult."""
+    from subspace_cli import lifecycle
     from subspace_cli.pipelines.pipeline_run import check_steps, run_plan, runners
 
+    lifecycle.add_input("recipe", path)  # no step's output may replace the file that describes the run
     plan = load_recipe(path, overrides)
-    if not plan.pipeline:
-        if dry_run:
-            return plan.to_dict()
-        step = plan.steps[0]
-        return runners()[step.verb](step.config)
     check_steps(plan)  # each verb's own pre-load checks (method names, options, output dirs), for every step
     if dry_run:
         return plan.to_dict()
+    if not plan.pipeline:
+        step = plan.steps[0]
+        return runners()[step.verb](step.config)
     return run_plan(plan)

@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from subspace_cli.errors import UsageError
+from subspace_cli import lifecycle
+from subspace_cli.errors import RuntimeFailure, UsageError
 from subspace_cli.io.training_data import TokenBatchSet
 from subspace_cli.pipelines.progress import progress_bar
 
@@ -121,12 +122,15 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, res
         "tokens": result.tokens, "seconds": result.seconds}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    lifecycle.keep("training checkpoints", directory)  # a failed or interrupted run leaves these, on purpose
     return final
 
 
 def find_checkpoint(path: Path) -> Path:
     """A step-N folder, or the newest step-N inside a checkpoint directory."""
     path = Path(path)
+    if not path.exists():
+        raise UsageError(f"--resume '{path}' does not exist; pass a step-N folder or the checkpoint directory")
     if (path / "trainer.json").is_file():
         return path
     steps = sorted(p for p in path.glob("step-*") if (p / "trainer.json").is_file()) if path.is_dir() else []
@@ -135,22 +139,65 @@ def find_checkpoint(path: Path) -> Path:
     return steps[-1]
 
 
+_META_KEYS = ("step", "fingerprint", "curve", "evals", "tokens", "seconds")
+
+
+def read_checkpoint(path: Path, mmap: bool = False) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(trainer.json, trainable tensors, optimizer/scheduler/RNG state) of a step-N folder; a missing,
+    truncated or foreign file is exit 2 naming it (checked before the run starts, and again on resume)."""
+    where = f"--resume '{path}'"
+    try:
+        meta = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{where}: trainer.json is unreadable or corrupt ({err}); resume from another step-N "
+                         "folder or start again") from None
+    if not isinstance(meta, dict) or any(key not in meta for key in _META_KEYS):
+        raise UsageError(f"{where}: trainer.json lacks {', '.join(_META_KEYS)}; it was not written by subspace adapt")
+    try:
+        tensors = load_file(path / "trainable.safetensors")
+    except Exception as err:  # noqa: BLE001 - safetensors raises SafetensorError, OSError or ValueError: all exit 2
+        raise UsageError(f"{where}: trainable.safetensors is unreadable or corrupt ({err}); resume from another "
+                         "step-N folder or start again") from None
+    try:
+        state = torch.load(path / "state.pt", weights_only=True, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 - torch.load raises RuntimeError, EOFError, pickle errors: all exit 2
+        reason = (str(err).splitlines() or [repr(err)])[0]
+        raise UsageError(f"{where}: state.pt is unreadable or corrupt ({reason}); resume from another step-N folder "
+                         "or start again") from None
+    if not isinstance(state, dict) or any(key not in state for key in ("optimizer", "scheduler", "rng")):
+        raise UsageError(f"{where}: state.pt lacks optimizer, scheduler or RNG state; it was not written by subspace adapt")
+    return meta, tensors, state
+
+
+def check_checkpoint(resume: Path) -> Path:
+    """Validation before any work: the checkpoint --resume names exists and every file of it reads."""
+    path = find_checkpoint(resume)
+    read_checkpoint(path, mmap=True)
+    return path
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler, settings: TrainSettings, result: TrainResult) -> int:
-    meta = json.loads((path / "trainer.json").read_text())
+    meta, tensors, state = read_checkpoint(path)
     if meta["fingerprint"] != settings.fingerprint:
         raise UsageError(f"--resume '{path}' was written by a run with other options (model, method, data, rank, "
                          "steps, schedule or seed differ); resume with the options it was started with")
-    tensors = load_file(path / "trainable.safetensors")
     params = _trainable(model)
     if set(tensors) != set(params):
         raise UsageError(f"--resume '{path}': its trainable tensors do not match this model's adapters")
+    bad = next((name for name, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()),
+               None)
+    if bad is not None:
+        raise RuntimeFailure("resume", f"checkpoint '{path}' holds NaN or Inf in '{bad}': training had diverged "
+                             "before it was saved; resume from an earlier step-N folder or start again with a lower --lr")
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
-    state = torch.load(path / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise UsageError(f"--resume '{path}': its optimizer state does not fit this run ({err})") from None
     result.curve, result.evals = meta["curve"], meta["evals"]
     result.tokens, result.seconds = meta["tokens"], meta["seconds"]
     result.resumed_from = meta["step"]
@@ -193,8 +240,6 @@ def train(model: nn.Module, train_data: TokenBatchSet, eval_data: TokenBatchSet,
                 loss_sum += float(loss.detach())
                 result.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
             if not math.isfinite(loss_sum):
-                from subspace_cli.errors import RuntimeFailure
-
                 raise RuntimeFailure("train", f"loss became {loss_sum} at step {step + 1}; lower --lr or use --precision fp32")
             grad_norm = (float(accelerator.clip_grad_norm_(params, settings.max_grad_norm))
                          if settings.max_grad_norm > 0 else float("nan"))

@@ -16,12 +16,15 @@ import torch
 from subspace_cli import __version__
 from subspace_cli.errors import RuntimeFailure, UsageError
 from subspace_cli.evaluate.membership import membership_auc
-from subspace_cli.evaluate.perplexity import is_causal_lm, perplexity
+from subspace_cli.evaluate.perplexity import check_seqlen, is_causal_lm, perplexity
 from subspace_cli.io import data as text_data
-from subspace_cli.io.checkpoint import atomic_output_dir, check_output_dir, write_checkpoint
+from subspace_cli.io.checkpoint import write_checkpoint
 from subspace_cli.io.models import load_model_and_tokenizer
+from subspace_cli.io.output_dir import atomic_output_dir, check_output_dir
+from subspace_cli.io.sharded_writer import shard_size_bytes
 from subspace_cli.methods.registry import get_method
 from subspace_cli.methods.unlearn.base import UnlearnData
+from subspace_cli.pipelines.config_paths import input_refs, stored_recipe
 from subspace_cli.pipelines.distributed import Processes, current_processes
 from subspace_cli.pipelines.progress import progress_bar
 from subspace_cli.pipelines.unlearn_config import UnlearnConfig
@@ -40,20 +43,20 @@ def validate(config: UnlearnConfig):
         log.warning("--forget and --retain are the same source")
         raise UsageError(f"--forget and --retain are both '{config.forget}': there is nothing to keep apart; "
                          "pass different data")
-    check_output_dir(Path(config.out), config.overwrite)
+    check_output_dir(Path(config.out), config.overwrite, input_refs(config))
+    shard_size_bytes(config.shard_size)
     return method, method_config
 
 
 def _read(spec: str, flag: str) -> str:
-    try:
-        text = text_data.load_text(spec)
-    except UsageError as exc:
-        if "is empty" in str(exc):
-            raise UsageError(f"{flag} '{spec}' is empty: the {flag.removeprefix('--')} set has no text") from None
-        raise
+    text = text_data.load_text(spec, flag)
     if not text.strip():
         raise UsageError(f"{flag} '{spec}' is empty: the {flag.removeprefix('--')} set has no text")
     return text
+
+
+def _held_out_name(spec: str, explicit: str | None, role: str) -> str:
+    return f"--eval-{role} '{explicit}'" if explicit else f"the held-out 5% of --{role} '{spec}' (or pass --eval-{role})"
 
 
 class _Sets:
@@ -71,10 +74,16 @@ class _Sets:
         if config.eval_retain:
             retain_held = _read(config.eval_retain, "--eval-retain")
         self.train = UnlearnData(
-            forget=text_data.sample_calibration(tokenizer, forget_pool, config.forget_samples, config.seqlen, config.seed),
-            retain=text_data.sample_calibration(tokenizer, retain_pool, config.retain_samples, config.seqlen, config.seed + 1))
-        self.forget_eval = text_data.eval_windows(tokenizer, forget_held, config.eval_seqlen, config.eval_chars)
-        self.retain_eval = text_data.eval_windows(tokenizer, retain_held, config.eval_seqlen, config.eval_chars)
+            forget=text_data.sample_calibration(
+                tokenizer, forget_pool, config.forget_samples, config.seqlen, config.seed,
+                text_data.SampleFlags("--forget", "--forget-samples", "--seqlen"), config.forget),
+            retain=text_data.sample_calibration(
+                tokenizer, retain_pool, config.retain_samples, config.seqlen, config.seed + 1,
+                text_data.SampleFlags("--retain", "--retain-samples", "--seqlen"), config.retain))
+        self.forget_eval = text_data.eval_windows(tokenizer, forget_held, config.eval_seqlen, config.eval_chars,
+                                                  what=_held_out_name(config.forget, config.eval_forget, "forget"))
+        self.retain_eval = text_data.eval_windows(tokenizer, retain_held, config.eval_seqlen, config.eval_chars,
+                                                  what=_held_out_name(config.retain, config.eval_retain, "retain"))
         # Non-members for the membership test: windows of the same forget pool that no training row
         # touches, cut like the training rows (the held-out tail is other text: other books of the KJV).
         pool_ids = text_data.tokenize_text(tokenizer, forget_pool)  # [n_tokens]
@@ -136,12 +145,12 @@ def train_plan(plan, method_config, data: UnlearnData, seed: int, processes: Pro
     return curve
 
 
-def changed_tensors(model, source_dir: Path) -> tuple[list[ChangedTensor], int, list[str]]:
+def changed_tensors(model, source_dir: Path, allow_pickle: bool = False) -> tuple[list[ChangedTensor], int, list[str]]:
     """Tensors of the model that differ from the input checkpoint, read back one at a time."""
     from subspace_cli.io.lazy_checkpoint import LazyCheckpoint
 
     changed, unchanged, unknown = [], 0, []
-    with LazyCheckpoint(source_dir) as original:
+    with LazyCheckpoint(source_dir, allow_pickle=allow_pickle) as original:
         for name, tensor in model.state_dict().items():
             if name not in original:
                 unknown.append(name)  # tied weights or buffers the file does not hold
@@ -169,6 +178,8 @@ def run_unlearn(config: UnlearnConfig) -> Report:
         raise UsageError(f"{type(model).__name__} is not a causal language model; unlearning needs next-token losses")
     if tokenizer is None:
         raise UsageError(f"model '{config.model}' has no tokenizer files; copy them into its directory")
+    check_seqlen(model, config.seqlen, "--seqlen")
+    check_seqlen(model, config.eval_seqlen, "--eval-seqlen")
     with timer.stage("data"):
         sets = _Sets(config, tokenizer)
     notes.append(f"membership AUC: {sets.train.forget.shape[0]} forget rows against {sets.nonmembers.shape[0]} "
@@ -188,7 +199,7 @@ def run_unlearn(config: UnlearnConfig) -> Report:
     with timer.stage("eval_after"):
         after = _scores(model, sets, config)
     with timer.stage("diff"):
-        changed, unchanged, unknown = changed_tensors(model, loaded.path)
+        changed, unchanged, unknown = changed_tensors(model, loaded.path, config.allow_pickle)
     stray = sorted({c.name for c in changed} - set(plan.targeted))
     if stray:
         raise RuntimeFailure("diff", f"tensors outside the method's targets changed: {stray[:5]}")
@@ -207,12 +218,12 @@ def run_unlearn(config: UnlearnConfig) -> Report:
                               losses=curve, diagnostics=diagnostics),
         notes=notes, output={"path": str(out)})
     if processes.is_main:  # under a launcher, one process writes; the others wait for it
-        with atomic_output_dir(out, config.overwrite) as tmp:
+        with atomic_output_dir(out, config.overwrite, input_refs(config)) as tmp:
             with timer.stage("write"):
-                write_checkpoint(model, tmp, source_dir=loaded.path, max_shard_size=config.shard_size)
+                write_checkpoint(model, tmp, source_dir=loaded.path, max_shard_size=shard_size_bytes(config.shard_size))
             report.timings_s = timer.seconds
             report.peak_rss_mb = round(peak_rss_mb(), 1)
             report.peak_device_mb = peak_device_mb()
-            write_outputs(tmp, report, {"verb": "unlearn", "config": config.model_dump(mode="json")})
+            write_outputs(tmp, report, stored_recipe("unlearn", config))
     processes.barrier()
     return report

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
 
+from subspace_cli.report.json_safe import dumps as strict_dumps
 from subspace_cli.report.schema import Report
 
 
@@ -134,8 +134,9 @@ def _matrix_table(report: Report) -> list[str]:
 
 
 def write_outputs(directory: Path, report: Report, recipe: dict) -> None:
-    """report.json, report.md and recipe.yaml (re-runnable with `subspace run`)."""
-    (directory / "report.json").write_text(json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
+    """report.json, report.md and recipe.yaml (re-runnable with `subspace run`; the verbs pass it with
+    absolute paths, pipelines/config_paths.stored_recipe)."""
+    (directory / "report.json").write_text(strict_dumps(report.model_dump(mode="json"), indent=2) + "\n")
     (directory / "report.md").write_text(to_markdown(report))
     (directory / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
 

@@ -9,6 +9,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
+from subspace_cli import lifecycle
 from subspace_cli.errors import RuntimeFailure, SubspaceError
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,21 @@ def peak_device_mb() -> float | None:
     return None
 
 
+# How allocators word a failed allocation: CUDA's caching allocator, and the CPU allocator's
+# "[enforce fail at alloc_cpu.cpp] ... DefaultCPUAllocator: can't allocate memory".
+OOM_HINT = "docs/troubleshooting.md (Out of memory) lists what each verb holds and which options lower it"
+_OOM_TEXTS = ("out of memory", "can't allocate memory", "defaultcpuallocator", "not enough memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    oom_class = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)
+    if oom_class is not None and isinstance(exc, oom_class):
+        return True
+    return isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in _OOM_TEXTS)
+
+
 class StageTimer:
     """Times named stages; turns out-of-memory and numerical errors into exit-3 failures naming the stage."""
 
@@ -42,15 +58,19 @@ class StageTimer:
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         try:
-            yield
+            with lifecycle.stage(name):
+                yield
         except SubspaceError:
             raise
         except MemoryError as exc:
-            raise RuntimeFailure(name, f"out of memory ({exc})") from exc
+            raise RuntimeFailure(name, f"out of memory ({exc or 'allocation failed'}); {OOM_HINT}") from exc
         except RuntimeError as exc:
             text = str(exc)
-            if "out of memory" in text.lower() or "linalg" in text.lower():
-                raise RuntimeFailure(name, text.splitlines()[0]) from exc
+            first_line = (text.splitlines() or [type(exc).__name__])[0]
+            if is_out_of_memory(exc):
+                raise RuntimeFailure(name, f"out of memory ({first_line}); {OOM_HINT}") from exc
+            if "linalg" in text.lower():
+                raise RuntimeFailure(name, first_line) from exc
             raise
         finally:
             elapsed = time.perf_counter() - start

@@ -48,7 +48,7 @@ class TsvConfig(MethodConfig):
     alpha: float = Field(1.0, allow_inf_nan=False,
                          description="α: scale of the merged task vector, θ = θ₀ + α·Δ")
     fraction: float | None = Field(
-        None, gt=0, le=1,
+        None, gt=0, le=1, allow_inf_nan=False,
         description="share of each task's singular triplets kept, k = max(1, int(fraction·min(m, n))); "
         "none: 1/T, as in the paper")
 
@@ -61,7 +61,7 @@ class IsoCConfig(MethodConfig):
 
 class IsoCtsConfig(IsoCConfig):
     common_fraction: float = Field(
-        0.8, ge=0, le=1, description="share of the rank given to the common subspace (top directions of Σ wᵢΔᵢ); "
+        0.8, ge=0, le=1, allow_inf_nan=False, description="share of the rank given to the common subspace (top directions of Σ wᵢΔᵢ); "
         "the rest is split evenly between the tasks (1.0: iso-c)")
 
 
