@@ -1,16 +1,21 @@
 """Stream calibration activations block by block.
 
-`BlockStream` captures what the first repeated block receives (hidden states plus the
-positional arguments and kwargs the model passes: masks, rotary embeddings, ...), then moves
-those hidden states through one block at a time. Only one block's activations live at once:
-n_batches × (B, L, hidden).
+`BlockStream` captures what every repeated block receives: the hidden states entering the first
+block, and each block's own positional arguments and kwargs (masks, rotary embeddings, ...). Those
+differ between blocks in hybrid models (sliding-window and global layers get their own masks and
+rotary tables: Gemma 2/3, Mistral-style windows), so they are recorded per block, not replayed from
+block 0. The capture runs the model with every block replaced by a recorder that passes the hidden
+states through unchanged, so it costs the embeddings and mask building only, and it stops before
+the final norm and LM head. The hidden states then move through one block at a time; only one
+block's activations live at once: n_batches × (B, L, hidden).
 """
 
 from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -27,43 +32,111 @@ def _first_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+@dataclass
+class BlockCall:
+    """How the model called one block on one batch, less the hidden states themselves."""
+
+    args: tuple  # positional arguments after the hidden states
+    kwargs: dict[str, Any]
+    hidden_as_kwarg: bool = False  # the model passed `hidden_states=` rather than positionally
+
+    def __call__(self, block: nn.Module, hidden: torch.Tensor):
+        if self.hidden_as_kwarg:
+            return block(*self.args, hidden_states=hidden, **self.kwargs)
+        return block(hidden, *self.args, **self.kwargs)
+
+
+def _split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
+    if args:
+        return args[0], BlockCall(tuple(args[1:]), dict(kwargs))
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), BlockCall((), kwargs, hidden_as_kwarg=True)
+
+
+@contextmanager
+def _replaced_forwards(blocks: list[nn.Module], forwards: list) -> Iterator[None]:
+    """Each block's `forward` swapped for a stand-in (an instance attribute, as accelerate's hooks are)."""
+    saved = [block.__dict__.get("forward") for block in blocks]
+    for block, forward in zip(blocks, forwards):
+        block.forward = forward
+    try:
+        yield
+    finally:
+        for block, previous in zip(blocks, saved):
+            if previous is None:
+                del block.forward
+            else:
+                block.forward = previous
+
+
 class BlockStream:
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8, device: str = "cpu"):
         self.model = model
         self.blocks: Blocks = find_blocks(model)
         self.device = device
         self.hidden: list[torch.Tensor] = []  # per batch (B, L, hidden)
-        self.extra: list[tuple[tuple, dict]] = []  # per batch: (args after hidden, kwargs)
+        self.calls: list[list[BlockCall]] = [[] for _ in self.blocks.modules]  # per block, per batch
         self._capture(input_ids, batch_size)
+
+    def _batches(self, input_ids: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+        for start in range(0, input_ids.shape[0], batch_size):
+            yield input_ids[start : start + batch_size].to(self.device)
 
     @torch.no_grad()
     def _capture(self, input_ids: torch.Tensor, batch_size: int) -> None:
-        first = self.blocks.modules[0]
+        if input_ids.shape[0] == 0:
+            return  # this process's share of the samples is empty (more processes than samples)
+        blocks = list(self.blocks.modules)
+        passthrough = self._passthrough(input_ids[:batch_size].to(self.device))
 
-        def grab(module, args, kwargs):
-            self.hidden.append(args[0].detach())
-            self.extra.append((tuple(args[1:]), dict(kwargs)))
-            raise _Captured
+        def recorder(index: int):
+            def forward(*args, **kwargs):
+                hidden, call = _split_call(args, kwargs)
+                if index == 0:
+                    self.hidden.append(hidden.detach())
+                self.calls[index].append(call)
+                if index == len(blocks) - 1:
+                    raise _Captured  # the last block's inputs are known: skip the norm and LM head
+                return passthrough(hidden)
 
-        handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            for start in range(0, input_ids.shape[0], batch_size):
-                batch = input_ids[start : start + batch_size].to(self.device)
+            return forward
+
+        with _replaced_forwards(blocks, [recorder(i) for i in range(len(blocks))]):
+            for batch in self._batches(input_ids, batch_size):
                 try:
                     self.model(input_ids=batch, use_cache=False)
                 except _Captured:
                     pass
+
+    def _passthrough(self, batch: torch.Tensor):
+        """What a stand-in block returns: its input, in the structure the real block returns (a tensor
+        in current transformers, a tuple whose first item is the hidden states in older ones)."""
+        first = self.blocks.modules[0]
+        seen: list = []
+
+        def grab(module, args, kwargs):
+            seen.append(_split_call(args, kwargs))
+            raise _Captured
+
+        handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.model(input_ids=batch, use_cache=False)
+        except _Captured:
+            pass
         finally:
             handle.remove()
+        hidden, call = seen[0]
+        sample = call(first, hidden)  # one real block forward on one batch
+        if isinstance(sample, (tuple, list)):
+            rest = tuple(sample[1:])
+            return lambda h: (h, *rest)
+        return lambda h: h
 
     @torch.no_grad()
     def run_block(self, index: int) -> list[torch.Tensor]:
         """Outputs of block `index` for every batch, from the current hidden states."""
         block = self.blocks.modules[index]
-        return [
-            _first_output(block(h, *args, **kwargs))
-            for h, (args, kwargs) in zip(self.hidden, self.extra)
-        ]
+        return [_first_output(call(block, h)) for h, call in zip(self.hidden, self.calls[index])]
 
     def advance(self, outputs: list[torch.Tensor]) -> None:
         self.hidden = outputs
