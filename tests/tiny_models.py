@@ -13,9 +13,14 @@ import torch
 VOCAB = 128
 
 
-def make_char_tokenizer():
-    """A character-level fast tokenizer over printable ASCII (ids < VOCAB)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+def make_char_tokenizer(bos: bool = False):
+    """A character-level fast tokenizer over printable ASCII (ids < VOCAB).
+
+    It adds no special tokens, as GPT-2's, SmolLM2's and Qwen's; with `bos`, it opens every text
+    with <s> (id 1), as Llama's, Mistral's and Gemma's do (a TemplateProcessing post-processor,
+    saved in tokenizer.json, so `tokenizer(text)` adds it and `add_special_tokens=False` does not).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
@@ -25,19 +30,28 @@ def make_char_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tok.decoder = decoders.Fuse()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
 
 
-def _save(model, path: Path) -> Path:
+def _save(model, path: Path, bos: bool = False) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
-    make_char_tokenizer().save_pretrained(path)
+    make_char_tokenizer(bos).save_pretrained(path)
     return path
 
 
-def make_tiny_llama(path: Path, seed: int = 0) -> Path:
+def use_bos_tokenizer(path: Path) -> Path:
+    """Replace the tokenizer of a tiny model directory (e.g. from make_tiny_arch) by the BOS-adding one."""
+    make_char_tokenizer(bos=True).save_pretrained(Path(path))
+    return Path(path)
+
+
+def make_tiny_llama(path: Path, seed: int = 0, bos: bool = False) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -46,7 +60,7 @@ def make_tiny_llama(path: Path, seed: int = 0) -> Path:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=3,
     )
-    return _save(LlamaForCausalLM(config).eval(), Path(path))
+    return _save(LlamaForCausalLM(config).eval(), Path(path), bos)
 
 
 def make_tiny_gpt2(path: Path, seed: int = 0) -> Path:

@@ -14,30 +14,28 @@ import torch
 import torch.nn.functional as F
 
 from subspace_cli.errors import UsageError
+from subspace_cli.evaluate.chunked_logits import positions_per_chunk, vocab_size
 from subspace_cli.evaluate.perplexity import (
     Progress,
-    causal_logits,
+    chunk_nll,
     is_causal_lm,
     iter_batches,
     model_device,
-    nll_sum,
     safe_exp,
+    scored_chunks,
 )
 
 
 def kl_sum(base_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    """Σ over the batch's scored positions of KL(p_base ‖ p), float64; inputs [b, L, V]."""
+    """Σ over positions of KL(p_base ‖ p), float64; inputs [b, c, V] at the same (scored) positions."""
     if base_logits.shape[-1] != logits.shape[-1]:
         raise UsageError(
             f"model and baseline have different vocabulary sizes ({logits.shape[-1]} vs "
             f"{base_logits.shape[-1]}); compare models that share a tokenizer"
         )
-    total = 0.0
-    for base_row, row in zip(base_logits, logits):  # one window at a time: [L-1, V] in fp32
-        lp_base = F.log_softmax(base_row[:-1].float(), dim=-1)
-        lp = F.log_softmax(row[:-1].float(), dim=-1)
-        total += float((lp_base.exp() * (lp_base - lp)).sum(-1).double().sum())
-    return total
+    lp_base = F.log_softmax(base_logits.float(), dim=-1)  # [b, c, V]
+    lp = F.log_softmax(logits.float(), dim=-1)
+    return float((lp_base.exp() * (lp_base - lp)).sum(-1).double().sum())
 
 
 def hidden_states(model, ids: torch.Tensor) -> torch.Tensor:
@@ -54,10 +52,12 @@ def hidden_states(model, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def mean_token_kl(
-    model, baseline, windows: torch.Tensor, *, batch_size: int = 4, device=None, progress: Progress | None = None
+    model, baseline, windows: torch.Tensor, *, batch_size: int = 4, device=None, progress: Progress | None = None,
+    chunk: int | None = None,
 ) -> float:
     """Mean over scored tokens of KL(baseline ‖ model) (0 for identical models)."""
-    return score_windows(model, windows, baseline=baseline, batch_size=batch_size, device=device, progress=progress)["kl"]
+    return score_windows(model, windows, baseline=baseline, batch_size=batch_size, device=device, progress=progress,
+                         chunk=chunk)["kl"]
 
 
 @torch.inference_mode()
@@ -81,9 +81,11 @@ def embedding_similarity(
 
 @torch.inference_mode()
 def score_windows(
-    model, windows: torch.Tensor, *, baseline=None, batch_size: int = 8, device=None, progress: Progress | None = None
+    model, windows: torch.Tensor, *, baseline=None, batch_size: int = 8, device=None, progress: Progress | None = None,
+    chunk: int | None = None,
 ) -> dict:
-    """One pass over the windows; a JSON-ready dict.
+    """One pass over the windows, `chunk` positions' logits at a time (default: from the logits
+    budget, counting both models); a JSON-ready dict.
 
     Causal LM: metric "perplexity", ppl, nll, n_tokens and, with a baseline, baseline_ppl,
     baseline_nll, ppl_ratio (ppl / baseline_ppl) and kl. Encoder (no LM head): needs a
@@ -103,15 +105,20 @@ def score_windows(
     device = device or model_device(model)
     nll, base_nll, kl, count = 0.0, 0.0, 0.0, 0
     for ids in iter_batches(windows, batch_size, device):
-        logits = causal_logits(model, ids)  # [b, L, V]
-        s, n = nll_sum(logits, ids)
-        nll, count = nll + s, count + n
-        if baseline is not None:
-            base_logits = causal_logits(baseline, ids.to(model_device(baseline))).to(logits.device)
-            kl += kl_sum(base_logits, logits)
-            base_nll += nll_sum(base_logits, ids)[0]
-            del base_logits
-        del logits
+        # Both models' logits are alive at once for KL: each gets half the budget.
+        size = chunk or positions_per_chunk(ids.shape[0] * (1 if baseline is None else 2), vocab_size(model))
+        chunks = scored_chunks(model, ids, size)
+        if baseline is None:
+            nll += sum(chunk_nll(logits, targets) for logits, targets in chunks)
+        else:
+            base_chunks = scored_chunks(baseline, ids.to(model_device(baseline)), size)
+            for (logits, targets), (base_logits, _) in zip(chunks, base_chunks):  # the same positions
+                base_logits = base_logits.to(logits.device)
+                nll += chunk_nll(logits, targets)
+                kl += kl_sum(base_logits, logits)
+                base_nll += chunk_nll(base_logits, targets)
+                del base_logits, logits
+        count += ids.shape[0] * (ids.shape[1] - 1)
         if progress:
             progress(ids.shape[0])
     if count == 0:

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import torch
 
-from subspace_cli.evaluate.perplexity import causal_logits, iter_batches, model_device
+from subspace_cli.evaluate.perplexity import iter_batches, model_device, scored_chunks
 
 
 @torch.inference_mode()
-def window_losses(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """Mean next-token loss of each window: [n] float64."""
+def window_losses(model, windows: torch.Tensor, batch_size: int = 8, chunk: int | None = None) -> torch.Tensor:
+    """Mean next-token loss of each window: [n] float64 (logits `chunk` positions at a time)."""
     device = model_device(model)
     out = []
     for ids in iter_batches(windows, batch_size, device):
-        logits = causal_logits(model, ids)[:, :-1].float()  # [B, L-1, V]
-        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, L-1]
-        out.append(loss.mean(dim=1).double().cpu())
+        total = torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device)  # [B] Σ over positions
+        for logits, targets in scored_chunks(model, ids, chunk):  # [B, c, V], [B, c]
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+            total += loss.view(targets.shape).double().sum(dim=1)  # [B]
+        out.append((total / (ids.shape[1] - 1)).cpu())
     return torch.cat(out)
 
 

@@ -2,8 +2,9 @@
 
 Each window [L] is scored on its own: position t predicts token t+1, so a window gives L − 1
 scored tokens; the result is the token-weighted mean NLL over all windows and exp of it.
-Logits are taken in the model's dtype, log-probabilities in float32 one window at a time
-(a 49k vocabulary × 256 positions is 50 MB per window in float32), sums in float64.
+Logits are made a chunk of positions at a time (evaluate/chunked_logits.py: [b, c, V] with c
+chosen so a float32 chunk fits a 64 MiB budget, not the batch's [b, L, V]), in the model's dtype;
+log-probabilities in float32, sums in float64.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+
+from subspace_cli.evaluate.chunked_logits import BatchLogits
 
 Progress = Callable[[int], None]  # called with the number of windows just processed
 
@@ -64,12 +67,38 @@ def iter_batches(windows: torch.Tensor, batch_size: int, device) -> Iterator[tor
 
 
 def causal_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """[b, L] -> [b, L, V] in the model's dtype."""
+    """[b, L] -> [b, L, V] in the model's dtype: the whole batch's logits. With `nll_sum`, the
+    computation before chunking, kept as the reference benchmarks/logits_memory.py measures against;
+    scorers use `scored_chunks`."""
     return model(input_ids=ids, use_cache=False).logits
 
 
+def scored_chunks(model, ids: torch.Tensor, chunk: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits [b, c, V], targets [b, c]) over consecutive chunks of the L − 1 scored positions of ids
+    [b, L]: logits at positions t, targets ids[:, t+1]. One decoder pass; `chunk` positions at a time
+    (default: a float32 chunk within the logits budget)."""
+    batch = BatchLogits(model, ids, chunk=chunk)
+    for positions in batch.chunks(ids.shape[1] - 1):
+        yield batch.logits(positions), ids[:, positions.start + 1 : positions.stop + 1]
+
+
+def chunk_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Σ −log p(targets) of logits [b, c, V] and targets [b, c], in float64."""
+    # Flattened to [b·c, V]: log-softmax over a transposed [b, V, c] is far slower on CPU.
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")  # [b·c] float32
+    return float(losses.double().sum())
+
+
+def batch_nll(model, ids: torch.Tensor, chunk: int | None = None) -> tuple[float, int]:
+    """Σ −log p(ids[:, t+1] | ids[:, ≤t]) over a batch [b, L], float64, and the number of tokens,
+    chunk by chunk."""
+    total = sum(chunk_nll(logits, targets) for logits, targets in scored_chunks(model, ids, chunk))
+    return float(total), ids.shape[0] * (ids.shape[1] - 1)
+
+
 def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
-    """Σ −log p(ids[:, t+1] | ids[:, ≤t]) over a batch, float64, and the number of tokens."""
+    """Σ −log p(ids[:, t+1] | ids[:, ≤t]) over a batch, float64, and the number of tokens, from the
+    whole logits [b, L, V] (see `causal_logits`; `batch_nll` is the chunked equivalent)."""
     total = 0.0
     for row_logits, row_ids in zip(logits, ids):  # one window at a time bounds fp32 memory
         losses = F.cross_entropy(row_logits[:-1].float(), row_ids[1:], reduction="none")  # [L-1]
@@ -83,13 +112,15 @@ def safe_exp(x: float) -> float:
 
 @torch.inference_mode()
 def perplexity(
-    model, windows: torch.Tensor, *, batch_size: int = 8, device=None, progress: Progress | None = None
+    model, windows: torch.Tensor, *, batch_size: int = 8, device=None, progress: Progress | None = None,
+    chunk: int | None = None,
 ) -> dict:
-    """{"ppl", "nll", "n_tokens"}: exp of the mean next-token NLL over all windows."""
+    """{"ppl", "nll", "n_tokens"}: exp of the mean next-token NLL over all windows; `chunk`
+    positions' logits at a time (default: from the logits budget)."""
     device = device or model_device(model)
     total, count = 0.0, 0
     for ids in iter_batches(windows, batch_size, device):
-        s, n = nll_sum(causal_logits(model, ids), ids)
+        s, n = batch_nll(model, ids, chunk)
         total, count = total + s, count + n
         if progress:
             progress(ids.shape[0])

@@ -11,6 +11,11 @@ Several sources are given as a list or comma-separated (`builtin:shakespeare,bui
 Each source is used as one text (its documents joined by the source's joiner) and split once by
 character position: the first 95% is the calibration pool, the last 5% is held out for
 evaluation, so no evaluated character was ever in a calibration window.
+
+Windows follow the tokenizer's own special tokens: where `tokenizer(text)` opens with a BOS
+(Llama, Mistral, Gemma), every calibration, evaluation and membership window opens with it too
+and holds seqlen − 1 text tokens; where it adds nothing (GPT-2, SmolLM2, Qwen) a window is
+seqlen text tokens, exactly as before.
 """
 
 from __future__ import annotations
@@ -207,6 +212,61 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(list(itertools.chain.from_iterable(encoded)), dtype=torch.long)
 
 
+# A short text every tokenizer encodes to at least one token, to see what it adds around a text.
+_PROBE_TEXT = "Hello world"
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The ids a tokenizer puts around every text it encodes with its defaults.
+
+    prefix: (bos,) for Llama-2/3, Mistral, Gemma; () for GPT-2, SmolLM2, Qwen.
+    suffix: what it appends (an EOS for a few). Windows cut from running text never get it: the
+    text goes on past the window's end, and a causal LM that sees EOS there learns (or is scored on)
+    an end that is not one. A true end (the end of a training example) gets the tokenizer's EOS
+    in io/training_data.py whether or not the tokenizer appends it, as before.
+    """
+
+    prefix: tuple[int, ...] = ()
+    suffix: tuple[int, ...] = ()
+
+
+def special_tokens(tokenizer) -> SpecialTokens:
+    """What `tokenizer` adds around a text: `tokenizer(t)` against `tokenizer(t, add_special_tokens=False)`.
+
+    Asked of the tokenizer rather than read from `bos_token_id`: SmolLM2 and Qwen declare a BOS
+    they never add, and a model is trained (and must be calibrated and scored) on what its
+    tokenizer produces.
+    """
+    kwargs = {"return_attention_mask": False, "return_token_type_ids": False, "verbose": False}
+    full = list(tokenizer(_PROBE_TEXT, **kwargs)["input_ids"])
+    plain = list(tokenizer(_PROBE_TEXT, add_special_tokens=False, **kwargs)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return SpecialTokens(tuple(full[:start]), tuple(full[start + len(plain):]))
+    logger.warning("the tokenizer encodes a text differently with and without special tokens (%s against %s); "
+                   "adding no special tokens to windows", full, plain)
+    return SpecialTokens()
+
+
+def text_length(seqlen: int, prefix: tuple[int, ...], flag: str) -> int:
+    """Text tokens in a window of `seqlen` that opens with `prefix`; UsageError if none fit."""
+    if seqlen <= len(prefix):
+        raise UsageError(f"{flag} {seqlen} leaves no room for text after the tokenizer's {len(prefix)} start "
+                         f"token(s) (BOS); use at least {len(prefix) + 1}")
+    return seqlen - len(prefix)
+
+
+def with_prefix(windows: torch.Tensor, prefix: tuple[int, ...]) -> torch.Tensor:
+    """`prefix` put before every row: [n, L] -> [n, len(prefix) + L] (the input itself when empty)."""
+    import torch
+
+    if not prefix:
+        return windows
+    head = torch.tensor(prefix, dtype=windows.dtype).expand(windows.shape[0], len(prefix))  # [n, p]
+    return torch.cat([head, windows], dim=1)
+
+
 def _check_positive(value: int, flag: str) -> None:
     if value < 1:
         raise UsageError(f"{flag} must be a positive integer, got {value}")
@@ -229,24 +289,28 @@ def sample_calibration(tokenizer, text: str, n_samples: int, seqlen: int, seed: 
     """`n_samples` random windows of `seqlen` tokens from `text`: LongTensor [n_samples, seqlen].
 
     Window starts are drawn uniformly (with replacement) from one seeded generator, so the same
-    text, tokenizer and seed always give the same windows.
+    text, tokenizer and seed always give the same windows. Where the tokenizer opens a text with
+    a BOS, each row is the BOS and seqlen − 1 text tokens (`special_tokens`).
     """
     import torch
 
     _check_positive(n_samples, flags.samples)
     _check_positive(seqlen, flags.seqlen)
+    prefix = special_tokens(tokenizer).prefix
+    body = text_length(seqlen, prefix, flags.seqlen)  # text tokens per row
     ids = tokenize_text(tokenizer, text)  # [n_tokens]
     n_tokens = ids.numel()
-    if n_tokens < seqlen + 1:
+    if n_tokens < body + 1:
         named = f"{flags.source} '{source}'" if source else f"the {flags.source} text"
+        needed = f"{flags.seqlen} {seqlen}" + (" less the tokenizer's BOS" if prefix else "")
         raise UsageError(
-            f"{named} has {n_tokens} tokens (in the 95% used for sampling), fewer than {flags.seqlen} {seqlen} + 1; "
+            f"{named} has {n_tokens} tokens (in the 95% used for sampling), fewer than {needed} + 1; "
             f"give more text or a smaller {flags.seqlen}"
         )
-    starts = window_starts(n_tokens, n_samples, seqlen, seed)  # [n_samples]
-    index = starts[:, None] + torch.arange(seqlen)  # [n_samples, seqlen]
+    starts = window_starts(n_tokens, n_samples, body, seed)  # [n_samples]
+    index = starts[:, None] + torch.arange(body)  # [n_samples, body]
     logger.debug("sampled %d windows of %d tokens from %d tokens", n_samples, seqlen, n_tokens)
-    return ids[index]
+    return with_prefix(ids[index], prefix)  # [n_samples, seqlen]
 
 
 def window_starts(n_tokens: int, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -283,22 +347,36 @@ def windows_avoiding(ids: torch.Tensor, taken: torch.Tensor, n_samples: int, seq
     return ids[starts[:, None] + torch.arange(seqlen)]
 
 
+def nonmember_windows(tokenizer, text: str, n_samples: int, seqlen: int, member_seed: int, seed: int) -> torch.Tensor:
+    """Windows of `text` cut like the rows of `sample_calibration(tokenizer, text, n_samples, seqlen,
+    member_seed)` (same length, same BOS) that share no text token with any of them: LongTensor
+    [k, seqlen], k ≤ n_samples (0 when nothing is free). See `windows_avoiding`."""
+    prefix = special_tokens(tokenizer).prefix
+    body = text_length(seqlen, prefix, "--seqlen")
+    ids = tokenize_text(tokenizer, text)  # [n_tokens]
+    taken = window_starts(ids.numel(), n_samples, body, member_seed)  # the members' starts
+    return with_prefix(windows_avoiding(ids, taken, n_samples, body, seed), prefix)
+
+
 def eval_windows(tokenizer, text: str, seqlen: int, max_chars: int | None = EVAL_MAX_CHARS,
                  what: str = "the held-out evaluation text", seqlen_flag: str = "--eval-seqlen") -> torch.Tensor:
     """Non-overlapping windows over the first `max_chars` characters: LongTensor [n, seqlen].
 
-    The ragged tail is dropped, unless it is the only window: then the shape is [1, n_tokens]
-    with n_tokens < seqlen. No special tokens are added; the evaluator decides about BOS.
-    `what` names the text in messages (e.g. "the held-out 5% of --eval 'notes.txt'").
+    Where the tokenizer opens a text with a BOS, each window is the BOS and the next seqlen − 1
+    text tokens, so every text token is scored once, with the context the model was trained on.
+    The ragged tail is dropped, unless it is the only window: then the shape is [1, n] with
+    n < seqlen. `what` names the text in messages (e.g. "the held-out 5% of --eval 'notes.txt'").
     """
     _check_positive(seqlen, seqlen_flag)
+    prefix = special_tokens(tokenizer).prefix
+    body = text_length(seqlen, prefix, seqlen_flag)  # text tokens per window
     ids = tokenize_text(tokenizer, text if max_chars is None else text[:max_chars])  # [n_tokens]
-    if ids.numel() < 2:
+    if ids.numel() + len(prefix) < 2 or ids.numel() == 0:
         raise UsageError(f"{what} has {ids.numel()} token(s); scoring needs at least 2: pass a longer text")
-    n_windows = ids.numel() // seqlen
+    n_windows = ids.numel() // body
     if n_windows == 0:
-        return ids[None, :]
-    return ids[: n_windows * seqlen].view(n_windows, seqlen)
+        return with_prefix(ids[None, :], prefix)
+    return with_prefix(ids[: n_windows * body].view(n_windows, body), prefix)
 
 
 # ----------------------------------------------------------------------------- calibration

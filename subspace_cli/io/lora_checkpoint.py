@@ -5,7 +5,9 @@
   is_lora_adapter  whether a directory holds a PEFT adapter.
 
 Only plain LoRA merges this way; variants whose merge is not base + scaling * B @ A (DoRA, QA-LoRA,
-...) are refused with what to do instead. PEFT is not needed at run time.
+...) are refused with what to do instead. PEFT is not needed at run time. LoRA on bare parameters
+(`target_parameters`, e.g. MoE expert stacks [E, out, in]) is applied per expert slice, in the
+checkpoint's own layout (io/lora_parameters.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from subspace_cli.errors import UsageError
 from subspace_cli.io.lazy_checkpoint import LazyCheckpoint, PickleFile, _read_json
+from subspace_cli.io.lora_parameters import ParameterLayout, ParamLora, param_delta
 from subspace_cli.io.safetensors_file import SafetensorsFile
 
 log = logging.getLogger(__name__)
@@ -43,8 +46,6 @@ _REFUSED_FIELDS = {
     "monteclora_config": "MonteCLoRA is not supported; merge it first with PEFT's merge_and_unload",
     "velora_config": "VeLoRA is not supported; merge it first with PEFT's merge_and_unload",
     "layer_replication": "replicated layers change the architecture; merge it first with PEFT's merge_and_unload",
-    "target_parameters": "LoRA on bare nn.Parameters (e.g. MoE experts) is not supported; merge it first "
-                         "with PEFT's merge_and_unload",
     "trainable_token_indices": "trainable tokens are not supported; merge it first with PEFT's merge_and_unload",
 }
 # init_lora_weights values that change the base weights: the adapter only fits the residual model.
@@ -76,6 +77,19 @@ class _LoraTerm:
     b_key: str
     scaling: float
     transpose: bool = False
+    param: str | None = None  # kind 'param': the wrapped parameter's path in the model
+
+
+@dataclass(frozen=True)
+class _ParamPlan:
+    """A LoRA on one bare parameter (PEFT's ParamWrapper) and the checkpoint tensors it changes."""
+
+    target: ParamLora
+    a_key: str
+    b_key: str
+    scaling: float
+    names: dict[str, str]  # name in transformers' checkpoint layout -> the base's name (the same, or
+    #                        without a leading component, as _base_name resolves); {key: name} when stored as is
 
 
 class LoraCheckpoint:
@@ -107,6 +121,11 @@ class LoraCheckpoint:
             raise UsageError(f"adapter '{self.adapter_dir}' has no {ADAPTER_WEIGHTS}")
         self._replace: dict[str, str] = {}  # base name -> adapter key of its full replacement
         self._terms: dict[str, list[_LoraTerm]] = {}  # base name -> its LoRA updates
+        self._layout: ParameterLayout | None = None  # the base's architecture, for target_parameters only
+        self._params: dict[str, _ParamPlan] = {}  # parameter path -> its plan
+        # Deltas of a parameter stored as several tensors (per-expert w1/w3/w2), computed once and handed out
+        # as each tensor is read: in checkpoint order, one layer's expert deltas (float32) are held at a time.
+        self._pending: dict[str, dict[str, torch.Tensor]] = {}
         try:
             self._plan()
         except BaseException:
@@ -143,6 +162,9 @@ class LoraCheckpoint:
         for field in ("rank_pattern", "alpha_pattern"):
             if not isinstance(cfg.get(field) or {}, dict):
                 raise UsageError(f"'{file}': {field} must be a mapping, got {cfg.get(field)!r}")
+        params = cfg.get("target_parameters") or []
+        if not isinstance(params, list) or not all(isinstance(p, str) and p for p in params):
+            raise UsageError(f"'{file}': target_parameters must be a list of parameter names, got {params!r}")
         return cfg
 
     def _scaling(self, module: str) -> tuple[int, float]:
@@ -205,7 +227,8 @@ class LoraCheckpoint:
                                      "LoRA on Linear, GPT-2 Conv1D and Embedding layers is supported)")
                 self._plan_replacement(key, parts)
         for module, slots in lora.items():
-            self._plan_lora(module, slots)
+            if not self._plan_param(module, slots):
+                self._plan_lora(module, slots)
 
     def _plan_replacement(self, key: str, parts: list[str]) -> None:
         """A full tensor in the adapter (modules_to_save, bias='all'/'lora_only', saved embeddings)
@@ -224,6 +247,49 @@ class LoraCheckpoint:
                 self._replace[resolved] = key
                 return
         self._require_base(".".join(candidates[0]), key)  # raises, naming the tensor
+
+    def _plan_param(self, module: str, slots: dict[str, str]) -> bool:
+        """Plan a ParamWrapper's pair (True), or leave `module` to _plan_lora (False: no target_parameters,
+        or a module none of whose parameters is targeted)."""
+        targets = self.adapter_config.get("target_parameters")
+        if not targets:
+            return False
+        where = f"adapter '{self.adapter_dir}'"
+        if self._layout is None:
+            self._layout = ParameterLayout(self.base.path, targets, where)
+        found = self._layout.wrapped(module)
+        if found is None:
+            return False
+        target = self._layout.wrapped_param(*found)
+        if "A" not in slots or "B" not in slots or set(slots) - {"A", "B"}:
+            odd = slots.get("A") or slots.get("B") or next(iter(slots.values()))
+            raise UsageError(f"{where}: '{odd}' is not a lora_A / lora_B pair of the parameter '{target.key}' (PEFT's "
+                             "LoRA on parameters has no bias or embedding factors)")
+        r, scaling = self._scaling(target.key)  # PEFT matches rank_pattern against the parameter's path
+        a_shape, b_shape = self._adapter_shape(slots["A"]), self._adapter_shape(slots["B"])
+        in_f, out_f = target.in_out
+        want_a, want_b = (r * target.experts, in_f), (out_f, r * target.experts)
+        if a_shape != want_a or b_shape != want_b:
+            raise UsageError(f"{where}: '{slots['A']}' {a_shape} / '{slots['B']}' {b_shape} do not fit the parameter "
+                             f"'{target.key}' {target.shape} at rank {r} (expected {want_a} / {want_b})")
+        direct = self._base_name(target.key)
+        if direct is not None and self.base.shape(direct) == target.shape:
+            names = {target.key: direct}
+        else:
+            names = {}
+            for name, shape in self._layout.checkpoint_layout(target).items():
+                resolved = self._base_name(name)
+                if resolved is None or self.base.shape(resolved) != shape:
+                    raise UsageError(f"{where}: it adapts the parameter '{target.key}' {target.shape}, which the base "
+                                     f"'{self.base.path}' stores neither as such nor as transformers converts it "
+                                     f"('{name}' {shape} is {'missing' if resolved is None else 'another shape'}); "
+                                     "was the adapter trained on a different base?")
+                names[name] = resolved
+        self._params[target.key] = _ParamPlan(target, slots["A"], slots["B"], scaling, names)
+        for name in names.values():
+            self._terms.setdefault(name, []).append(_LoraTerm("param", slots["A"], slots["B"], scaling,
+                                                              param=target.key))
+        return True
 
     def _plan_lora(self, module: str, slots: dict[str, str]) -> None:
         r_cfg, scaling = self._scaling(module)
@@ -328,8 +394,24 @@ class LoraCheckpoint:
         out = tensor.to(torch.float32)  # owned either way, so it can be updated in place
         del tensor
         for term in terms:
-            out += self._delta(term)
+            out += self._param_delta(term.param, name) if term.kind == "param" else self._delta(term)
         return out.to(dtype)
+
+    def _param_delta(self, key: str, name: str) -> torch.Tensor:
+        """ΔW of the base tensor `name` from the LoRA on the parameter `key`, float32."""
+        plan = self._params[key]
+        pending = self._pending.get(key)
+        if pending is None or name not in pending:
+            delta = param_delta(plan.target, self._handle.read(plan.a_key), self._handle.read(plan.b_key), plan.scaling)
+            if list(plan.names) == [key]:  # stored as the model holds it
+                return delta
+            pending = {plan.names[n]: t for n, t in self._layout.revert(plan.target, delta).items()}
+            del delta
+            self._pending[key] = pending
+        out = pending.pop(name)
+        if not pending:
+            del self._pending[key]
+        return out
 
     def _delta(self, term: _LoraTerm) -> torch.Tensor:
         # Same operation order as PEFT's get_delta_weight, in float32.
@@ -344,6 +426,7 @@ class LoraCheckpoint:
 
     def close(self) -> None:
         """Close the adapter file; the base stays open (it may be shared)."""
+        self._pending.clear()
         if self._handle is not None:
             self._handle.close()
             self._handle = None

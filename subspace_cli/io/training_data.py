@@ -16,7 +16,10 @@ A source spec (several are concatenated, each split into train and eval on its o
 Every example becomes `bos? + tokens + eos?` with labels -100 where no loss is taken. Then either
 packing (each split's examples concatenated into one stream, cut into full `seqlen` windows) or
 one right-padded row per example (plain-text documents cut into seqlen chunks, records truncated).
-Rows are not shuffled here: the trainer shuffles with its own seeded generator.
+Where the tokenizer opens every text with a BOS (Llama, Mistral, Gemma: `io.data.special_tokens`),
+every row opens with exactly one: a window or chunk that starts inside an example gets the BOS
+and seqlen − 1 tokens, as the model saw text in pretraining. Rows are not shuffled here: the
+trainer shuffles with its own seeded generator.
 """
 
 from __future__ import annotations
@@ -31,7 +34,15 @@ from typing import Literal
 import torch
 
 from subspace_cli.errors import UsageError
-from subspace_cli.io.data import HOLDOUT_FRACTION, load_source, split_holdout, split_specs, tokenize_text
+from subspace_cli.io.data import (
+    HOLDOUT_FRACTION,
+    load_source,
+    special_tokens,
+    split_holdout,
+    split_specs,
+    text_length,
+    tokenize_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -311,17 +322,20 @@ def _encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     return out
 
 
-def _tokenize(tokenizer, examples: list[_Example]) -> list[_Tokens]:
+def _tokenize(tokenizer, examples: list[_Example], prefix: tuple[int, ...] = ()) -> list[_Tokens]:
     """Each example as `bos? + segments + eos?` with its labels.
 
     Segments are tokenized separately, so every token belongs to exactly one segment. The bos is
-    prepended if the tokenizer has one and the tokens do not already start with it (a chat
-    template that writes the bos itself); the eos is appended if the tokenizer has one and the
-    tokens do not already end with it. Each carries loss iff the segment next to it does: text and
-    alpaca learn to end with eos, a chat's separator eos after the template's tail does not.
+    `prefix`, what the tokenizer puts before a text, where it puts one; else the tokenizer's bos
+    token if it has one (a document separator for GPT-2 and SmolLM2, kept so their rows stay as
+    they were). It is prepended unless the tokens already start with it (a chat template that
+    writes the bos itself). The eos is appended if the tokenizer has one and the tokens do not
+    already end with it. Each carries loss iff the segment next to it does: text and alpaca learn
+    to end with eos, a chat's separator eos after the template's tail does not.
     """
     encoded = iter(_encode_texts(tokenizer, [text for e in examples for text, _ in e.segments]))
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    bos = list(prefix) or ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [])
     out = []
     for example in examples:
         ids: list[int] = []
@@ -331,8 +345,8 @@ def _tokenize(tokenizer, examples: list[_Example]) -> list[_Tokens]:
             ids += piece
             labels += piece if loss else [IGNORE_INDEX] * len(piece)
         first_loss, last_loss = example.segments[0][1], example.segments[-1][1]
-        if bos is not None and ids[:1] != [bos]:
-            ids, labels = [bos] + ids, [bos if first_loss else IGNORE_INDEX] + labels
+        if bos and ids[: len(bos)] != bos:
+            ids, labels = bos + ids, (bos if first_loss else [IGNORE_INDEX] * len(bos)) + labels
         if eos is not None and ids[-1:] != [eos]:
             ids, labels = ids + [eos], labels + [eos if last_loss else IGNORE_INDEX]
         out.append(_Tokens(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long),
@@ -355,25 +369,55 @@ def _padded(rows: list[tuple[torch.Tensor, torch.Tensor]], length: int, pad_id: 
     return TokenBatchSet(input_ids, labels, mask)
 
 
-def _pack(tokens: list[_Tokens], seqlen: int, pad_id: int, split: str, notes: list[str]) -> TokenBatchSet:
+def _cut(ids: torch.Tensor, labels: torch.Tensor, seqlen: int, prefix: tuple[int, ...]
+         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, labels) [n] cut into consecutive rows of ≤ seqlen tokens, each opening with `prefix`.
+
+    A row that starts where the stream already holds the prefix (an example's own bos) takes
+    seqlen tokens; any other takes the prefix (labels -100) and seqlen − p tokens. Every token is in
+    exactly one row and no row opens with the prefix twice. No prefix: plain seqlen chunks.
+    """
+    if not prefix:
+        return list(zip(ids.split(seqlen), labels.split(seqlen)))
+    head = torch.tensor(prefix, dtype=ids.dtype)  # [p]
+    no_loss = torch.full((len(prefix),), IGNORE_INDEX, dtype=labels.dtype)
+    rows, start = [], 0
+    while start < ids.numel():
+        if torch.equal(ids[start : start + len(prefix)], head):
+            end = start + seqlen
+            rows.append((ids[start:end], labels[start:end]))
+        else:
+            end = start + seqlen - len(prefix)
+            rows.append((torch.cat([head, ids[start:end]]), torch.cat([no_loss, labels[start:end]])))
+        start = end
+    return rows
+
+
+def _pack(tokens: list[_Tokens], seqlen: int, pad_id: int, split: str, notes: list[str],
+          prefix: tuple[int, ...] = ()) -> TokenBatchSet:
     """One stream of every example, cut into full [N, seqlen] windows; the ragged tail is dropped."""
     ids = torch.cat([t.ids for t in tokens])  # [n_tokens]
     labels = torch.cat([t.labels for t in tokens])
-    n_rows = ids.numel() // seqlen
-    if n_rows == 0:
+    if ids.numel() < seqlen:
         notes.append(f"{split}: {ids.numel()} tokens are fewer than one --seqlen {seqlen} window; using one padded row")
         return _padded([(ids, labels)], seqlen, pad_id)
-    keep = n_rows * seqlen
-    return TokenBatchSet(ids[:keep].view(n_rows, seqlen), labels[:keep].view(n_rows, seqlen),
-                         torch.ones((n_rows, seqlen), dtype=torch.long))
+    if not prefix:  # the stream viewed as rows: no copy
+        n_rows = ids.numel() // seqlen
+        keep = n_rows * seqlen
+        return TokenBatchSet(ids[:keep].view(n_rows, seqlen), labels[:keep].view(n_rows, seqlen),
+                             torch.ones((n_rows, seqlen), dtype=torch.long))
+    rows = [row for row in _cut(ids, labels, seqlen, prefix) if row[0].numel() == seqlen]  # [seqlen] each
+    return TokenBatchSet(torch.stack([r for r, _ in rows]), torch.stack([lab for _, lab in rows]),
+                         torch.ones((len(rows), seqlen), dtype=torch.long))
 
 
-def _unpacked(tokens: list[_Tokens], seqlen: int, pad_id: int, split: str, notes: list[str]) -> TokenBatchSet:
+def _unpacked(tokens: list[_Tokens], seqlen: int, pad_id: int, split: str, notes: list[str],
+              prefix: tuple[int, ...] = ()) -> TokenBatchSet:
     """One row per example, padded to the longest row: plain text cut into seqlen chunks, records truncated."""
     rows, truncated, lost = [], 0, 0
     for t in tokens:
         if t.cut:
-            rows += list(zip(t.ids.split(seqlen), t.labels.split(seqlen)))
+            rows += _cut(t.ids, t.labels, seqlen, prefix)
             continue
         if t.ids.numel() > seqlen:
             truncated += 1
@@ -385,8 +429,13 @@ def _unpacked(tokens: list[_Tokens], seqlen: int, pad_id: int, split: str, notes
     return _padded(rows, max(ids.numel() for ids, _ in rows), pad_id)
 
 
-def _count_examples(tokens: list[_Tokens], seqlen: int) -> int:
-    return sum(math.ceil(t.ids.numel() / seqlen) if t.document else 1 for t in tokens)
+def _count_examples(tokens: list[_Tokens], seqlen: int, prefix: tuple[int, ...] = ()) -> int:
+    """Records, a plain-text split counted in the chunks `_cut` makes of it: its first of seqlen
+    tokens (it opens with its own bos), the others of seqlen − p."""
+    def chunks(n: int) -> int:
+        return 1 + math.ceil(max(n - seqlen, 0) / (seqlen - len(prefix)))
+
+    return sum(chunks(t.ids.numel()) if t.document else 1 for t in tokens)
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -428,20 +477,22 @@ def load_training_data(
     """
     del seed  # deterministic by design; kept so callers pass one run-wide seed everywhere
     _check_arguments(specs, seqlen, format, eval_fraction, max_train, max_eval)
+    prefix = special_tokens(tokenizer).prefix  # () unless the tokenizer opens every text with a bos
+    text_length(seqlen, prefix, "--seqlen")
     notes: list[str] = []
     sources = {spec: _read_source(spec, tokenizer, format, eval_fraction, notes) for spec in split_specs(specs, "--data")}
-    train = _tokenize(tokenizer, [e for s in sources.values() for e in s.train])
-    held = _tokenize(tokenizer, [e for s in sources.values() for e in s.eval])
+    train = _tokenize(tokenizer, [e for s in sources.values() for e in s.train], prefix)
+    held = _tokenize(tokenizer, [e for s in sources.values() for e in s.eval], prefix)
     if not train or not held:
         raise UsageError(f"no {'training' if not train else 'held-out evaluation'} examples in "
                          f"{', '.join(sources)}; give more data or another eval fraction")
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)  # masked anyway
     build = _pack if packing else _unpacked
     data = TrainingData(
-        train=build(train, seqlen, pad_id, "train", notes).head(max_train),
-        eval=build(held, seqlen, pad_id, "eval", notes).head(max_eval),
+        train=build(train, seqlen, pad_id, "train", notes, prefix).head(max_train),
+        eval=build(held, seqlen, pad_id, "eval", notes, prefix).head(max_eval),
         format=",".join(s.format for s in sources.values()),
-        n_examples=_count_examples(train, seqlen) + _count_examples(held, seqlen),
+        n_examples=_count_examples(train, seqlen, prefix) + _count_examples(held, seqlen, prefix),
         notes=notes,
     )
     logger.info("training data (%s): %d examples -> %d train rows (%d label tokens), %d eval rows",

@@ -7,6 +7,8 @@ Compressing Large Language Models", arXiv 2312.05821 (Eq. 4, α = 0.5 by default
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
@@ -17,6 +19,9 @@ from subspace_cli.methods.registry import Method, MethodConfig, register
 
 class ASVDConfig(MethodConfig):
     alpha: float = Field(0.5, ge=0.0, le=2.0, description="exponent α on mean |x| per input channel")
+    expert_grams: Literal["routed", "pooled"] = Field(
+        "routed", description="MoE experts: fit each expert with the Gram of the tokens routed to it (weighted by "
+        "routing weight), or of all its layer's tokens")
 
 
 def asvd_transform(weight: torch.Tensor, stats: GramStats | None, config: ASVDConfig) -> Transform:

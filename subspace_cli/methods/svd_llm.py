@@ -9,6 +9,8 @@ Language Model Compression", arXiv 2403.07378 (ICLR 2025), Eq. 3–5. The shrink
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
@@ -23,6 +25,9 @@ class SVDLLMConfig(MethodConfig):
         0.0, ge=0.0, lt=1.0,
         description="λ in (1−λ)·G + λ·diag(G): shrink the Gram toward its diagonal (cross-domain robustness)",
     )
+    expert_grams: Literal["routed", "pooled"] = Field(
+        "routed", description="MoE experts: fit each expert with the Gram of the tokens routed to it (weighted by "
+        "routing weight), or of all its layer's tokens")
 
 
 def svd_llm_transform(weight: torch.Tensor, stats: GramStats | None, config: SVDLLMConfig) -> Transform:

@@ -1,7 +1,8 @@
 """Factored modules (low-rank and sparse-dictionary) and helpers around the factored layout.
 
-`LowRankLinear` and `DictionaryLinear` are defined in `remote_modeling.py` (that file is shipped
-inside every factored checkpoint, so there is exactly one definition); they are re-exported here.
+`LowRankLinear`, `DictionaryLinear`, `LowRankExperts`, `LowRankEmbedding` and `TiedLowRankLinear`
+are defined in `remote_modeling.py` (that file is shipped inside every factored checkpoint, so
+there is exactly one definition); they are re-exported here.
 """
 
 from __future__ import annotations
@@ -11,16 +12,36 @@ from torch import nn
 
 from subspace_cli.io.discovery import is_conv1d, set_submodule
 
-from .remote_modeling import FORMAT_VERSION, DictionaryLinear, LowRankLinear, apply_factored_layout
+from .remote_modeling import (FORMAT_VERSION, DictionaryLinear, LowRankEmbedding, LowRankExperts, LowRankLinear,
+                              TiedLowRankLinear, apply_factored_layout, existing_tied_keys)
 
-__all__ = ["FORMAT_VERSION", "DictionaryLinear", "LowRankLinear", "apply_factored_layout", "factored_layout",
-           "densify_", "layout_format_version", "FACTORED_TYPES"]
+__all__ = ["FORMAT_VERSION", "DictionaryLinear", "LowRankLinear", "LowRankExperts", "LowRankEmbedding",
+           "TiedLowRankLinear", "apply_factored_layout", "factored_layout", "densify_", "layout_format_version",
+           "FACTORED_TYPES"]
 
-FACTORED_TYPES = (LowRankLinear, DictionaryLinear)
+FACTORED_TYPES = (LowRankLinear, DictionaryLinear, LowRankExperts, LowRankEmbedding, TiedLowRankLinear)
+# Kinds a version-2 reader does not know (format version 3).
+_VERSION_3_KINDS = ("lowrank_experts", "lowrank_embedding", "tied_lowrank")
 
 
 def _module_spec(module: nn.Module, paths: dict[int, str]) -> dict:
+    if isinstance(module, LowRankExperts):
+        matrices = {}
+        for name in LowRankExperts.MATRICES:
+            in_f, out_f = module.shape(name)
+            matrices[name] = {"in_features": in_f, "out_features": out_f, "ranks": module.ranks(name)}
+        return {"kind": "lowrank_experts", "num_experts": module.num_experts, "matrices": matrices}
+    if isinstance(module, LowRankEmbedding):
+        spec = {"kind": "lowrank_embedding", "num_embeddings": module.num_embeddings,
+                "embedding_dim": module.embedding_dim, "rank": module.rank}
+        if module.scale is not None:
+            spec["scale"] = module.scale
+        if module.padding_idx is not None:
+            spec["padding_idx"] = module.padding_idx
+        return spec
     spec = {"in_features": module.in_features, "out_features": module.out_features}
+    if isinstance(module, TiedLowRankLinear):
+        return {"kind": "tied_lowrank", "factors_of": paths[id(module._owner[0])], "bias": False, **spec}
     if isinstance(module, LowRankLinear):
         return {"kind": "lowrank", "rank": module.rank, "bias": module.up.bias is not None, **spec}
     spec = {"kind": "dictionary", "atoms": module.atoms, "nonzeros": module.nonzeros,
@@ -30,16 +51,37 @@ def _module_spec(module: nn.Module, paths: dict[int, str]) -> dict:
     return spec
 
 
+def _factored_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every factored module by path, less those inside a LowRankExperts (its entry describes them)."""
+    found: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, FACTORED_TYPES) and not any(name.startswith(f"{p}.") for p, o in found.items()
+                                                     if isinstance(o, LowRankExperts)):
+            found[name] = m
+    return found
+
+
 def factored_layout(model: nn.Module) -> dict:
     """The layout dict describing every factored module in `model` (what config.json stores)."""
-    found = {name: m for name, m in model.named_modules() if isinstance(m, FACTORED_TYPES)}
+    found = _factored_modules(model)
     paths = {id(m): name for name, m in found.items()}
     return {name: _module_spec(m, paths) for name, m in found.items()}
 
 
 def layout_format_version(layout: dict) -> int:
-    """The smallest checkpoint format version that describes `layout` (1 unless dictionaries)."""
-    return 2 if any(spec["kind"] == "dictionary" for spec in layout.values()) else 1
+    """The smallest checkpoint format version that describes `layout`: 1 for low-rank Linears only,
+    2 with dictionaries, 3 with experts, embeddings or tied heads."""
+    kinds = {spec["kind"] for spec in layout.values()}
+    if kinds & set(_VERSION_3_KINDS):
+        return 3
+    return 2 if "dictionary" in kinds else 1
+
+
+def drop_stale_tied_keys(model: nn.Module) -> None:
+    """After factoring a tied embedding, transformers must not look for `lm_head.weight` to tie
+    (on save, or in `tie_weights`)."""
+    if isinstance(getattr(model, "all_tied_weights_keys", None), dict):
+        model.all_tied_weights_keys = existing_tied_keys(model, model.all_tied_weights_keys)
 
 
 def _transformers_base(model: nn.Module) -> type:
@@ -49,39 +91,72 @@ def _transformers_base(model: nn.Module) -> type:
     raise TypeError(f"{type(model).__name__} is not a transformers model")
 
 
+def _dense_linear(lr: nn.Module, like: nn.Module, w: torch.Tensor) -> nn.Module:
+    """The dense Linear (or GPT-2 Conv1D, weight [in, out]) with weight `w` [out, in]."""
+    bias = lr.up.bias if isinstance(lr, LowRankLinear) else getattr(lr, "bias", None)
+    if is_conv1d(like):
+        with torch.device(w.device):
+            dense = type(like)(lr.out_features, lr.in_features).to(w.dtype)  # weight [in, out]
+        with torch.no_grad():
+            dense.weight.copy_(w.T)
+            if bias is not None:
+                dense.bias.copy_(bias)
+            else:
+                dense.bias.zero_()
+        return dense
+    dense = nn.Linear(lr.in_features, lr.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(w)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    return dense
+
+
+def _dense_like(like: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """The skeleton's own module (an experts module, an nn.Embedding subclass) materialised with `weights`."""
+    first = next(iter(weights.values()))
+    like.to_empty(device=first.device).to(first.dtype)
+    with torch.no_grad():
+        for name, w in weights.items():
+            getattr(like, name).copy_(w)
+        if hasattr(like, "scalar_embed_scale") and isinstance(getattr(like, "embed_scale", None), torch.Tensor):
+            like.embed_scale.fill_(like.scalar_embed_scale)  # a non-persistent buffer, left empty by to_empty
+    return like
+
+
 def densify_(model: nn.Module) -> nn.Module:
     """Replace every factored module by the dense module the architecture declares there, in place.
 
-    The original module type (nn.Linear, or GPT-2's Conv1D whose weight is stored [in, out]) is
-    read from a meta-device skeleton of the architecture, so the result is a plain checkpoint.
+    The original module type (nn.Linear, GPT-2's Conv1D whose weight is stored [in, out], the
+    experts module with its 3-D parameters, the embedding class) is read from a meta-device
+    skeleton of the architecture, so the result is a plain checkpoint. A tied LM head becomes
+    the Linear that shares the dense embedding's weight again.
     """
-    paths = [name for name, m in model.named_modules() if isinstance(m, FACTORED_TYPES)]
-    if not paths:
+    found = _factored_modules(model)
+    if not found:
         return model
     with torch.device("meta"):
         skeleton = _transformers_base(model)(model.config)
-    # Dense weights first: a shared dictionary must outlive every module that reads it.
-    dense_weights = {path: model.get_submodule(path).dense_weight().detach() for path in paths}
-    for path in paths:
-        lr = model.get_submodule(path)
+    # Dense weights first: a shared dictionary (or a tied embedding) must outlive every module that reads it.
+    dense: dict[str, dict[str, torch.Tensor]] = {}
+    for path, m in found.items():
+        if isinstance(m, LowRankExperts):
+            dense[path] = {name: m.dense_weight(name).detach() for name in LowRankExperts.MATRICES}
+        elif not isinstance(m, TiedLowRankLinear):
+            dense[path] = {"weight": m.dense_weight().detach()}  # [out, in] / [V, d]
+    tied = {path: m._owner[0] for path, m in found.items() if isinstance(m, TiedLowRankLinear)}
+    owners = {id(m): path for path, m in found.items()}
+    for path, m in found.items():
         like = skeleton.get_submodule(path)
-        w = dense_weights[path]  # [out, in]
-        bias = lr.up.bias if isinstance(lr, LowRankLinear) else lr.bias
-        if is_conv1d(like):
-            with torch.device(w.device):
-                dense = type(like)(lr.out_features, lr.in_features).to(w.dtype)  # weight [in, out]
-            with torch.no_grad():
-                dense.weight.copy_(w.T)
-                if bias is not None:
-                    dense.bias.copy_(bias)
-                else:
-                    dense.bias.zero_()
-        else:
-            dense = nn.Linear(lr.in_features, lr.out_features, bias=bias is not None,
-                              device=w.device, dtype=w.dtype)
-            with torch.no_grad():
-                dense.weight.copy_(w)
-                if bias is not None:
-                    dense.bias.copy_(bias)
-        set_submodule(model, path, dense)
+        if isinstance(m, (LowRankExperts, LowRankEmbedding)):
+            set_submodule(model, path, _dense_like(like, dense[path]))
+        elif not isinstance(m, TiedLowRankLinear):
+            set_submodule(model, path, _dense_linear(m, like, dense[path]["weight"]))
+    for path, embedding in tied.items():
+        shared = model.get_submodule(owners[id(embedding)]).weight  # the dense embedding's [V, d]
+        head = nn.Linear(shared.shape[1], shared.shape[0], bias=False, device=shared.device, dtype=shared.dtype)
+        head.weight = shared
+        set_submodule(model, path, head)
+    if tied and hasattr(model, "get_expanded_tied_weights_keys"):
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
     return model

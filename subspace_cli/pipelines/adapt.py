@@ -27,6 +27,7 @@ from subspace_cli.io.output_dir import atomic_output_dir, check_not_an_input, ch
 from subspace_cli.io.sharded_writer import shard_size_bytes
 from subspace_cli.io.training_data import load_training_data
 from subspace_cli.methods.adapt.base import AdaptContext
+from subspace_cli.methods.adapt.experts import ExpertStack, block_expert_stacks, block_routers, param_wrapper
 from subspace_cli.methods.registry import get_method
 from subspace_cli.pipelines.adapt_config import AdaptConfig
 from subspace_cli.pipelines.adapter_export import attach_exported, plot_curve
@@ -66,24 +67,81 @@ def checkpoint_dir(config: AdaptConfig) -> Path:
     return Path(config.checkpoint_dir or f"{config.out}.checkpoints")
 
 
-def select_layers(model: nn.Module, config: AdaptConfig) -> dict[str, nn.Module]:
-    """The targeted Linear layers of the repeated blocks; the rank must fit every one of them."""
+def select_layers(model: nn.Module, config: AdaptConfig, notes: list[str] | None = None
+                  ) -> dict[str, nn.Module | ExpertStack]:
+    """The targeted Linear layers and expert stacks (3-D parameters, e.g. mlp.experts.gate_up_proj
+    [E, 2I, H]) of the repeated blocks; the rank must fit every one of them (each expert's matrix).
+
+    Routers (Linears beside the experts, such as Qwen2-MoE's shared_expert_gate [1, H]) are left out
+    unless --targets names them: a low-rank update of a routing gate is not what a default run means.
+    Whatever the model holds and the run leaves out (routers, experts excluded by --targets / --exclude)
+    is said in `notes`, the report's.
+    """
     blocks = find_blocks(model)
-    available: dict[str, nn.Module] = {}
-    layers: dict[str, nn.Module] = {}
+    available: dict[str, nn.Module | ExpertStack] = {}
+    layers: dict[str, nn.Module | ExpertStack] = {}
+    routers: set[str] = set()
     for i, block in enumerate(blocks.modules):
-        available.update(block_linears(block, blocks.block_path(i)))
-        layers.update(block_linears(block, blocks.block_path(i), config.targets, config.exclude))
+        prefix = blocks.block_path(i)
+        available.update(block_linears(block, prefix) | block_expert_stacks(block, prefix))
+        layers.update(block_linears(block, prefix, config.targets, config.exclude))
+        layers.update(block_expert_stacks(block, prefix, config.targets, config.exclude))
+        routers.update(block_routers(block, prefix))
+    skipped_routers = sorted(path for path in routers if path in layers and config.targets is None)
+    for path in skipped_routers:
+        del layers[path]
     if not layers:
         names = sorted({path.split(".", blocks.path.count(".") + 2)[-1] for path in available})
         raise UsageError(f"--targets '{config.targets}' / --exclude '{config.exclude}' matched no layer; the blocks "
                          f"{blocks.path}.N hold: {', '.join(names)}")
     for path, module in layers.items():
-        out_f, in_f = weight_matrix(module).shape
+        out_f, in_f = module.slice_shape if isinstance(module, ExpertStack) else weight_matrix(module).shape
         if config.rank > min(out_f, in_f):
-            raise UsageError(f"--rank {config.rank} exceeds min(out, in) = {min(out_f, in_f)} of {path} "
+            what = "each expert of" if isinstance(module, ExpertStack) else "of"
+            raise UsageError(f"--rank {config.rank} exceeds min(out, in) = {min(out_f, in_f)} {what} {path} "
                              f"[{out_f}×{in_f}]; pass a smaller --rank or --exclude that layer")
+    if notes is not None:
+        if skipped_routers:
+            notes.append(f"routers are not adapted by default ({_listed(skipped_routers)}); name them in --targets "
+                         "to adapt them")
+        stacks = [path for path, m in available.items() if isinstance(m, ExpertStack)]
+        left_out = [path for path in stacks if path not in layers]
+        if left_out:
+            notes.append(f"{len(left_out)} of {len(stacks)} expert stacks (3-D parameters) are not adapted: "
+                         f"--targets / --exclude leave out {_listed(left_out)}")
     return layers
+
+
+def _listed(paths: list[str], shown: int = 3) -> str:
+    return ", ".join(paths[:shown]) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+
+def check_experts(method, layers: dict, config: AdaptConfig) -> None:
+    """Exit 2 when the run targets expert stacks and the method cannot adapt them (never a silent skip)."""
+    stacks = [path for path, m in layers.items() if isinstance(m, ExpertStack)]
+    if stacks and not getattr(method.build, "adapts_experts", False):
+        shape = "×".join(map(str, layers[stacks[0]].shape))
+        more = f" and {len(stacks) - 1} more" if len(stacks) > 1 else ""
+        raise UsageError(f"method '{config.method}' adapts Linear layers; experts are 3-D parameters ({stacks[0]} "
+                         f"[{shape}]{more}): use --method lora, or --exclude experts")
+
+
+def _target_shape(module: nn.Module | ExpertStack) -> tuple[int, ...]:
+    return module.shape if isinstance(module, ExpertStack) else tuple(weight_matrix(module).shape)
+
+
+def _trainable_per_layer(model: nn.Module, layers: dict, trainable: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Trainable parameters of each target's adapter: a Linear's by name, an expert stack's in its
+    PEFT ParamWrapper (nested wrappers share the module's path, so names cannot tell them apart)."""
+    counts = {}
+    for path, module in layers.items():
+        if isinstance(module, ExpertStack):
+            wrapper = param_wrapper(model.base_model.model, path)
+            counts[path] = sum(p.numel() for d in (wrapper.lora_A, wrapper.lora_B) for p in d.parameters()
+                               if p.requires_grad)
+        else:
+            counts[path] = sum(p.numel() for n, p in trainable.items() if f"{path}." in n)
+    return counts
 
 
 def fingerprint(config: AdaptConfig, lr: float) -> str:
@@ -121,7 +179,9 @@ def run_adapt(config: AdaptConfig) -> Report:
     with timer.stage("data"):
         data = load_training_data(config.data, tokenizer, seqlen=config.seqlen, packing=config.packing,
                                   format=config.format, seed=config.seed)
-    layers = select_layers(model, config)
+    layer_notes: list[str] = []
+    layers = select_layers(model, config, layer_notes)
+    check_experts(method, layers, config)
     total_params = param_count(model)
     with timer.stage("eval_before"):
         loss_before = eval_loss(model, data.eval, config.batch_size, config.eval_rows)
@@ -131,7 +191,7 @@ def run_adapt(config: AdaptConfig) -> Report:
         adapted = method.build(model, layers, config.rank, config.scaling_alpha, method_config,
                                AdaptContext(generator=generator, run_calibration=runner))
     trainable = {n: p for n, p in adapted.model.named_parameters() if p.requires_grad}
-    per_layer = {path: sum(p.numel() for n, p in trainable.items() if f"{path}." in n) for path in layers}
+    per_layer = _trainable_per_layer(adapted.model, layers, trainable)
     checkpoints = checkpoint_dir(config)
     settings = TrainSettings(
         steps=config.steps, lr=lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
@@ -145,7 +205,7 @@ def run_adapt(config: AdaptConfig) -> Report:
     with timer.stage("export"):
         deltas = adapted.deltas()
         use_dora = adapted.use_dora
-        notes = list(data.notes) + list(adapted.notes)
+        notes = list(data.notes) + layer_notes + list(adapted.notes)
         del adapted, model
         gc.collect()
     loss_after = result.evals[-1]["loss"]
@@ -160,7 +220,7 @@ def run_adapt(config: AdaptConfig) -> Report:
             steps=config.steps, tokens=result.tokens, lr=lr, seconds=result.seconds, data_format=data.format,
             train_rows=len(data.train), eval_rows=len(data.eval), resumed_from=result.resumed_from,
             curve=result.curve, evals=result.evals),
-        adapters=[AdapterLayerReport(name=path, shape=tuple(weight_matrix(layers[path]).shape),
+        adapters=[AdapterLayerReport(name=path, shape=_target_shape(layers[path]),
                                      trainable=per_layer[path], export_rank=d.rank) for path, d in deltas.items()],
         notes=notes)
     del layers, trainable

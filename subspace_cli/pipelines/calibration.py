@@ -102,11 +102,15 @@ class BlockStream:
             return forward
 
         with _replaced_forwards(blocks, [recorder(i) for i in range(len(blocks))]):
-            for batch in self._batches(input_ids, batch_size):
-                try:
-                    self.model(input_ids=batch, use_cache=False)
-                except _Captured:
-                    pass
+            self.run_until_captured(self._batches(input_ids, batch_size))
+
+    def run_until_captured(self, batches: Iterator[torch.Tensor]) -> None:
+        """The model's forward on each batch, stopped where a hook raises `_Captured`."""
+        for batch in batches:
+            try:
+                self.model(input_ids=batch, use_cache=False)
+            except _Captured:
+                pass
 
     def _passthrough(self, batch: torch.Tensor):
         """What a stand-in block returns: its input, in the structure the real block returns (a tensor
@@ -174,6 +178,43 @@ def record_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, GramStats
             h.remove()
         for name, first in owner_of.items():
             stats[name] = stats[first]
+
+
+@torch.no_grad()
+def record_head_inputs(stream: BlockStream, input_ids: torch.Tensor, batch_size: int, head: nn.Module) -> GramStats:
+    """Input statistics of the LM head: the model's final norm applied to the last block's outputs,
+    which `stream.hidden` holds once every block has been run and advanced.
+
+    The model runs once more per batch with every block replaced by a stand-in (the earlier ones
+    pass their input through, the last returns the streamed output), so this costs the embeddings,
+    the masks and the final norm; a pre-hook on the head stops each pass before the [B, L, V]
+    logits are formed. A head the model does not call as a module records no tokens.
+    """
+    stats = GramStats(in_out_features(head)[0], device=weight_matrix(head).device)
+    if input_ids.shape[0] == 0:
+        return stats
+    blocks = list(stream.blocks.modules)
+    wrap = stream._passthrough(input_ids[:batch_size].to(stream.device))  # the structure blocks return
+    finals = iter(stream.hidden)  # per batch (B, L, hidden)
+
+    def stand_in(index: int):
+        def forward(*args, **kwargs):
+            hidden, _ = _split_call(args, kwargs)
+            return wrap(next(finals) if index == len(blocks) - 1 else hidden)
+
+        return forward
+
+    def grab(module, args):
+        stats.update(args[0].detach())
+        raise _Captured
+
+    handle = head.register_forward_pre_hook(grab)
+    try:
+        with _replaced_forwards(blocks, [stand_in(i) for i in range(len(blocks))]):
+            stream.run_until_captured(stream._batches(input_ids, batch_size))
+    finally:
+        handle.remove()
+    return stats
 
 
 @torch.no_grad()

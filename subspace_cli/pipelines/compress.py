@@ -6,6 +6,11 @@ will receive at inference. One-shot (`sequential=False`) takes all statistics fr
 model. Global rank allocation needs every matrix's spectrum before any block is compressed, so
 it first plans ranks from the dense model's (one-shot) statistics, then applies them.
 
+What is factored (compress_plan.py): the Linears of the repeated blocks (routers excepted), each
+expert's slices of a mixture-of-experts block's 3-D parameters (compress_experts.py, with the
+per-expert Grams of expert_grams.py), and, when `--targets` names them, the input embedding and
+the LM head (compress_vocab.py).
+
 Several processes (`accelerate launch` / `torchrun`, see pipelines/distributed.py): each
 propagates its share of the calibration samples, and every statistic is summed over the
 processes before it is used, so all of them fit the same factors; the main process writes.
@@ -14,7 +19,6 @@ processes before it is used, so all of them fit the same factors; the main proce
 from __future__ import annotations
 
 import logging
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,21 +29,27 @@ from torch import nn
 from subspace_cli import __version__
 from subspace_cli.errors import UsageError
 from subspace_cli.io.checkpoint import param_count, write_checkpoint
-from subspace_cli.io.discovery import block_linears, compile_pattern, find_blocks, set_submodule, weight_matrix
+from subspace_cli.io.discovery import compile_pattern, find_blocks, set_submodule, weight_matrix
 from subspace_cli.io.models import load_model_and_tokenizer
 from subspace_cli.io.output_dir import atomic_output_dir, check_output_dir
 from subspace_cli.io.sharded_writer import shard_size_bytes
 from subspace_cli.linalg.gram import GramStats
-from subspace_cli.linalg.rank_allocation import MatrixSpec, allocate, factored_params
-from subspace_cli.linalg.truncation import decompose, energy_kept, factors, weighted_relative_error
+from subspace_cli.linalg.rank_allocation import MatrixSpec
 from subspace_cli.methods.registry import Method, MethodConfig, get_method
 from subspace_cli.modules.lowrank import LowRankLinear, densify_
-from subspace_cli.pipelines.calibration import BlockStream, collect_dense_grams, record_inputs
+from subspace_cli.pipelines.calibration import BlockStream, record_head_inputs, record_inputs
+from subspace_cli.pipelines.compress_experts import compress_experts
+from subspace_cli.pipelines.compress_plan import (PLAN_SAMPLES, compress_linears, expert_grams_mode, expert_notes,
+                                                  expert_targets, plan_ranks)
+from subspace_cli.pipelines.compress_vocab import (VocabTargets, factor_embedding, factor_head, tied_note,
+                                                   vocabulary_targets)
 from subspace_cli.pipelines.compress_config import CompressConfig
 from subspace_cli.pipelines.config_paths import input_refs, stored_recipe
 from subspace_cli.pipelines.datasets import EvalSet, calibration_ids, evaluation_sets
 from subspace_cli.pipelines.dictionary_layers import Member, compress_group, dictionary_budget, projection_type
 from subspace_cli.pipelines.distributed import Processes, current_processes, shared_perplexity
+from subspace_cli.pipelines.expert_grams import ExpertStats, finish_expert_stats, first_pass
+from subspace_cli.pipelines.factoring import factor_matrix
 from subspace_cli.pipelines.placement import place_blocks
 from subspace_cli.pipelines.progress import progress_bar, set_quiet
 from subspace_cli.report.render import write_outputs
@@ -47,10 +57,7 @@ from subspace_cli.report.resources import StageTimer, peak_device_mb, peak_rss_m
 from subspace_cli.report.schema import MatrixReport, ParamTotals, PerplexityReport, Report
 
 log = logging.getLogger(__name__)
-
-# Rank planning needs only the shape of each whitened spectrum, which 16 × calib_seqlen tokens
-# already resolve; it skips 3/4 of the planning pass's Gram cost at the default 64 samples.
-PLAN_SAMPLES = 16
+__all__ = ["PLAN_SAMPLES", "compress_and_write", "compress_model", "plan_ranks", "run_compress"]
 
 
 @dataclass
@@ -93,84 +100,68 @@ def refuse_factored(model: nn.Module, ref: str) -> None:
 
 def compress_layer(module: nn.Module, stats: GramStats | None, rank: int | None, state: CompressState, name: str) -> nn.Module:
     """Factor one Linear/Conv1D at `rank` (None: keep dense) and record its report row."""
-    weight = weight_matrix(module).detach()  # [out, in]
-    out_f, in_f = weight.shape
-    spec = MatrixSpec(name, in_f, out_f)
-    gram = stats.covariance if stats is not None else None
-    bias = getattr(module, "bias", None)
-    if rank is None:
-        state.matrices.append(MatrixReport(
-            name=name, shape=(out_f, in_f), rank=None, params_before=spec.dense_params,
-            params_after=spec.dense_params, whitened_rel_error=0.0, energy_kept=1.0))
+    pair = factor_matrix(weight_matrix(module), stats, rank, state, name)  # [out, r], [r, in]
+    if pair is None:
         return module
-    spectral = decompose(weight, state.method.build(weight, stats, state.method_config))
-    up, down = factors(spectral, rank)  # [out, r], [r, in] float64
-    state.matrices.append(MatrixReport(
-        name=name, shape=(out_f, in_f), rank=rank, params_before=spec.dense_params,
-        params_after=factored_params(spec, rank),
-        whitened_rel_error=weighted_relative_error(weight, up @ down, gram),
-        energy_kept=energy_kept(spectral, rank)))
-    dtype = weight.dtype
-    return LowRankLinear.from_factors(
-        up.to(dtype), down.to(dtype), None if bias is None else bias.detach().clone()
-    ).to(weight.device)
-
-
-def plan_ranks(model: nn.Module, config: CompressConfig, state: CompressState, input_ids: torch.Tensor | None) -> dict[str, int | None]:
-    """Ranks for every targeted matrix; `global` reads spectra from the dense model's statistics."""
-    blocks = find_blocks(model)
-    layers: dict[str, nn.Module] = {}
-    for i, block in enumerate(blocks.modules):
-        layers.update(block_linears(block, blocks.block_path(i), config.targets, config.exclude))
-    if not layers:
-        raise UsageError(f"no layers matched --targets '{config.targets}' / --exclude '{config.exclude}' in {blocks.path}")
-    if config.allocation == "uniform":
-        specs = [MatrixSpec(n, *reversed(tuple(weight_matrix(m).shape))) for n, m in layers.items()]
-        return allocate(specs, config.ratio, "uniform")
-    grams: dict[str, GramStats] = {}
-    if input_ids is not None:
-        # The first PLAN_SAMPLES of the whole set, split over the processes and summed back.
-        grams = collect_dense_grams(model, state.processes.share(input_ids[:PLAN_SAMPLES]), targets=config.targets,
-                                    exclude=config.exclude, device=config.device, batch_size=config.batch_size)
-        state.processes.sum_stats_(grams)
-    specs = []
-    for name, module in layers.items():
-        weight = weight_matrix(module).detach()
-        spectral = decompose(weight, state.method.build(weight, grams.get(name), state.method_config))
-        out_f, in_f = weight.shape
-        uniform = (1.0 - config.ratio) * in_f * out_f / (in_f + out_f)
-        group = re.sub(r"\.\d+\.", ".*.", name) if config.budget_scope == "type" else ""
-        specs.append(MatrixSpec(name, in_f, out_f, energy=spectral.energy, group=group,
-                                min_rank=max(1, int(config.min_rank_fraction * uniform))))
-    return allocate(specs, config.ratio, "global", config.normalise)
+    bias = getattr(module, "bias", None)
+    return LowRankLinear.from_factors(*pair, None if bias is None else bias.detach().clone()).to(pair[0].device)
 
 
 @torch.no_grad()
 def compress_model(model: nn.Module, config: CompressConfig, state: CompressState, ranks: dict[str, int | None],
-                   input_ids: torch.Tensor | None) -> None:
-    """Replace targeted layers block by block, streaming calibration activations."""
+                   input_ids: torch.Tensor | None, vocab: VocabTargets | None = None) -> None:
+    """Replace targeted layers block by block, streaming calibration activations.
+
+    The input embedding (when targeted) goes first, so with sequential calibration block 0 sees
+    its compressed output; each block's Linears and experts next; an untied LM head last, fitted
+    to the final hidden states.
+    """
     if state.method.fit is not None:
         return compress_dictionary_model(model, config, state, ranks, input_ids)
+    vocab = vocab or VocabTargets()
+    pooled = expert_grams_mode(state) == "pooled"
     blocks = find_blocks(model)
-    stream = (BlockStream(model, state.processes.share(input_ids), batch_size=config.batch_size, device=config.device)
-              if input_ids is not None else None)
+    share = state.processes.share(input_ids) if input_ids is not None else None
+    if vocab.embedding and config.sequential:
+        factor_embedding(model, vocab, ranks[vocab.embedding], state)
+    stream = (BlockStream(model, share, batch_size=config.batch_size, device=config.device)
+              if share is not None else None)
+    if vocab.embedding and not config.sequential:
+        factor_embedding(model, vocab, ranks[vocab.embedding], state)  # after the dense capture
     with progress_bar("compressing blocks", total=len(blocks)) as advance:
         for i, block in enumerate(blocks.modules):
-            layers = block_linears(block, blocks.block_path(i), config.targets, config.exclude)
+            prefix = blocks.block_path(i)
+            layers = compress_linears(block, prefix, config)
+            experts = expert_targets(block, prefix, config)
             stats: dict[str, GramStats] = {}
+            expert_stats: ExpertStats | None = None
             outputs = None
             if stream is not None:
-                with record_inputs(layers) as stats:
+                with record_inputs(layers) as stats, first_pass([s for s, _ in experts.values()], pooled) as records:
                     outputs = stream.run_block(i)
                 state.processes.sum_stats_(stats)  # this share's sums -> all samples' sums
+                if records:
+                    expert_stats = finish_expert_stats(records, pooled_mode=pooled, rerun=lambda: stream.run_block(i),
+                                                       processes=state.processes)
+                    state.notes.extend(expert_stats.notes)
             for name, module in layers.items():
                 new = compress_layer(module, stats.get(name), ranks[name], state, name)
                 if new is not module:
                     set_submodule(model, name, new)
+            for path, (expert_set, targeted) in experts.items():
+                new = compress_experts(expert_set, targeted, expert_stats, ranks, state)
+                if new is not None:
+                    set_submodule(model, path, new)
             if stream is not None:
                 # Sequential: the next block sees this block's compressed output.
                 stream.advance(stream.run_block(i) if config.sequential else outputs)
             advance()
+    if vocab.head:
+        head_stats = None
+        if stream is not None:
+            head_stats = record_head_inputs(stream, share, config.batch_size, model.get_submodule(vocab.head))
+            state.processes.sum_stats_({vocab.head: head_stats})
+        factor_head(model, vocab, ranks[vocab.head], head_stats, state)
 
 
 @torch.no_grad()
@@ -194,7 +185,7 @@ def compress_dictionary_model(model: nn.Module, config: CompressConfig, state: C
             groups: dict[str, list[Member]] = {}
             order: list[str] = []
             for i in indices:
-                layers = block_linears(blocks.modules[i], blocks.block_path(i), config.targets, config.exclude)
+                layers = compress_linears(blocks.modules[i], blocks.block_path(i), config)
                 with record_inputs(layers) as stats:
                     stream.advance(stream.run_block(i))
                 state.processes.sum_stats_(stats)
@@ -261,6 +252,11 @@ def compress_and_write(config: CompressConfig) -> tuple[Report, nn.Module]:
     if placement is not None:
         notes.append(placement.note())
     params_before = param_count(model)
+    vocab = vocabulary_targets(model, work, dictionary_method=method.fit is not None)  # exit 2 before any work
+    notes.extend(expert_notes(model, dictionary_method=method.fit is not None,
+                              pooled=expert_grams_mode(state) == "pooled"))
+    if vocab.tied_head:
+        notes.append(tied_note(vocab))
 
     input_ids = None
     with timer.stage("data"):
@@ -278,9 +274,9 @@ def compress_and_write(config: CompressConfig) -> tuple[Report, nn.Module]:
         before = _perplexities(model, eval_sets, work, processes)
 
     with timer.stage("plan"):
-        ranks = plan_ranks(model, work, state, input_ids)
+        ranks = plan_ranks(model, work, state, input_ids, vocab)
     with timer.stage("compress"):
-        compress_model(model, work, state, ranks, input_ids)
+        compress_model(model, work, state, ranks, input_ids, vocab)
 
     with timer.stage("eval_after"):
         after = _perplexities(model, eval_sets, work, processes)

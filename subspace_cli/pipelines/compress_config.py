@@ -55,7 +55,9 @@ class CompressConfig(RunOptions):
     eval_seqlen: int = Field(512, ge=8, description="tokens per perplexity window (non-overlapping)")
     eval_chars: int = Field(40000, ge=100, description="characters of held-out text scored per source")
     skip_eval: bool = Field(False, description="skip the before/after perplexity evaluation")
-    targets: str | None = Field(None, description="regex: only layers whose dotted path matches")
+    targets: str | None = Field(
+        None, description="regex: only layers whose dotted path matches (experts: model.layers.N.mlp.experts."
+        "gate_up_proj.E; lm_head and the input embedding only when it names them)")
     exclude: str | None = Field(None, description="regex: skip layers whose dotted path matches")
     structure: Literal["2:4"] | None = Field(
         None, description="sparse-dictionary methods: at most 2 nonzeros in every 4 consecutive atoms (same as -O structure=2:4)")

@@ -165,13 +165,13 @@ def shared_perplexity(processes: Processes, model, windows: torch.Tensor, *, bat
     The NLL sum and token count are summed over the processes, so the result is the
     single-process perplexity (to float reassociation) whatever the number of processes.
     """
-    from subspace_cli.evaluate.perplexity import causal_logits, iter_batches, nll_sum, perplexity, safe_exp
+    from subspace_cli.evaluate.perplexity import batch_nll, iter_batches, perplexity, safe_exp
 
     if not processes.distributed:
         return perplexity(model, windows, batch_size=batch_size, device=device)
     total, count = 0.0, 0
     for ids in iter_batches(processes.share(windows), batch_size, device):
-        s, n = nll_sum(causal_logits(model, ids), ids)
+        s, n = batch_nll(model, ids)  # logits a chunk of positions at a time
         total, count = total + s, count + n
     sums = processes.sum_(torch.tensor([total, float(count)], dtype=torch.float64))  # [Σ nll, Σ tokens]
     total, count = float(sums[0]), int(sums[1])

@@ -184,17 +184,43 @@ def concrete_merge(config: MergeConfig, method_config, base, inputs, weights, ti
     with timer.stage("data"):
         batches = task_batches(config, tokenizer)
     names = select_targets(model, method_config.targets)
+    stored = stored_names(model, names, base)
     task_vectors = {}
     for name in names:
-        theta0 = _read_finite(base, name, config.base)
-        task_vectors[name] = [w * (_read_finite(checkpoint, name, label) - theta0)
+        theta0 = _read_finite(base, stored[name], config.base)
+        task_vectors[name] = [w * (_read_finite(checkpoint, stored[name], label) - theta0)
                               for checkpoint, w, label in zip(inputs, weights, input_labels(config.models))]
     with timer.stage("mask"), progress_bar("training the concrete mask", total=method_config.steps) as advance:
         result = fit_concrete_mask(model, task_vectors, batches, method_config,
                                    torch.Generator().manual_seed(config.seed), progress=lambda step, loss: advance())
     notes = [f"concrete: the mask of {name} kept nothing; the tensor stays at the base" for name in result.dropped]
     del model, loaded, task_vectors
-    return result.merged, result.density, result.losses, notes
+    merged = {stored[name]: tensor for name, tensor in result.merged.items()}
+    density = {stored[name]: value for name, value in result.density.items()}
+    return merged, density, result.losses, notes
+
+
+def stored_names(model, names: list[str], checkpoint) -> dict[str, str]:
+    """{parameter name in the model: its tensor's name in the checkpoint}. transformers renames some
+    tensors on load (Mixtral's block_sparse_moe.gate -> mlp.gate) and fuses others (per-expert w1 / w3 / w2
+    into mlp.experts.gate_up_proj [E, 2I, H] / down_proj): a rename maps back one to one through its own
+    reverse conversion; a parameter the checkpoint stores as several tensors cannot carry one mask."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    out = {}
+    for name in names:
+        if name in checkpoint:
+            out[name] = name
+            continue
+        shape = tuple(model.get_parameter(name).shape)
+        stored = {k: tuple(v.shape) for k, v in
+                  revert_weight_conversion(model, {name: torch.empty(shape, device="meta")}).items()}
+        if len(stored) != 1 or next(iter(stored)) not in checkpoint or next(iter(stored.values())) != shape:
+            raise UsageError(f"concrete targets '{name}' {list(shape)}, which the checkpoint stores as "
+                             f"{', '.join(list(stored)[:2])}{' ...' if len(stored) > 2 else ''} (e.g. MoE experts kept "
+                             "per expert): narrow -O targets to tensors stored as the model holds them")
+        out[name] = next(iter(stored))
+    return out
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -25,6 +25,7 @@ from torch import nn
 
 from subspace_cli import lifecycle
 from subspace_cli.errors import RuntimeFailure, UsageError
+from subspace_cli.evaluate.chunked_logits import BatchLogits, causal_lm_loss
 from subspace_cli.io.training_data import TokenBatchSet
 from subspace_cli.pipelines.progress import progress_bar
 
@@ -94,11 +95,10 @@ def eval_loss(model: nn.Module, data: TokenBatchSet, batch_size: int, limit: int
     total, count = 0.0, 0
     for start in range(0, n, batch_size):
         batch = _batch(data, torch.arange(start, min(n, start + batch_size)), device)
-        with autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]  # token t predicts t+1
-        losses = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, reduction="none", ignore_index=-100)
-        total += float(losses.sum())
+        with autocast():  # logits a chunk of positions at a time, never the batch's [b, L, V]
+            logits = BatchLogits(model, batch["input_ids"], batch["attention_mask"])
+            total += float(logits.loss_sum(labels, stop=labels.shape[1]))
         count += int((labels != -100).sum())
     model.train(was_training)
     return total / max(count, 1)
@@ -235,7 +235,9 @@ def train(model: nn.Module, train_data: TokenBatchSet, eval_data: TokenBatchSet,
                 batch = _batch(train_data, rows, device)
                 sync = micro == settings.grad_accum - 1
                 with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                    loss = model(**batch).loss / settings.grad_accum
+                    # model(**batch).loss, with each chunk's logits recomputed in backward
+                    loss = causal_lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                    loss = loss / settings.grad_accum
                 accelerator.backward(loss)
                 loss_sum += float(loss.detach())
                 result.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes

@@ -85,11 +85,10 @@ class _Sets:
         self.retain_eval = text_data.eval_windows(tokenizer, retain_held, config.eval_seqlen, config.eval_chars,
                                                   what=_held_out_name(config.retain, config.eval_retain, "retain"))
         # Non-members for the membership test: windows of the same forget pool that no training row
-        # touches, cut like the training rows (the held-out tail is other text: other books of the KJV).
-        pool_ids = text_data.tokenize_text(tokenizer, forget_pool)  # [n_tokens]
-        taken = text_data.window_starts(pool_ids.numel(), config.forget_samples, config.seqlen, config.seed)
-        self.nonmembers = text_data.windows_avoiding(pool_ids, taken, config.forget_samples, config.seqlen,
-                                                     config.seed + 2)
+        # touches, cut like the training rows, BOS included where the tokenizer adds one (the held-out
+        # tail is other text: other books of the KJV).
+        self.nonmembers = text_data.nonmember_windows(tokenizer, forget_pool, config.forget_samples, config.seqlen,
+                                                      member_seed=config.seed, seed=config.seed + 2)
         self.nonmember_source = "forget pool"
         if self.nonmembers.shape[0] == 0:  # the training rows cover the whole pool: fall back to held-out text
             self.nonmembers = text_data.eval_windows(tokenizer, forget_held, config.seqlen, None)[: config.forget_samples]
@@ -145,16 +144,29 @@ def train_plan(plan, method_config, data: UnlearnData, seed: int, processes: Pro
     return curve
 
 
+def stored_layout(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` (model names) under the names and layout a checkpoint stores them in: transformers renames
+    some tensors on load (Mixtral's block_sparse_moe.gate -> mlp.gate) and fuses others (per-expert w1 / w3 /
+    w2 into mlp.experts.gate_up_proj [E, 2I, H]); its own reverse conversion, which save_pretrained applies,
+    undoes both."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, tensors) if tensors else {}
+
+
 def changed_tensors(model, source_dir: Path, allow_pickle: bool = False) -> tuple[list[ChangedTensor], int, list[str]]:
-    """Tensors of the model that differ from the input checkpoint, read back one at a time."""
+    """Tensors of the model that differ from the input checkpoint, read back one at a time, by their stored
+    names (a tensor the model renames or fuses on load is compared in the checkpoint's own layout)."""
     from subspace_cli.io.lazy_checkpoint import LazyCheckpoint
 
     changed, unchanged, unknown = [], 0, []
     with LazyCheckpoint(source_dir, allow_pickle=allow_pickle) as original:
-        for name, tensor in model.state_dict().items():
-            if name not in original:
-                unknown.append(name)  # tied weights or buffers the file does not hold
-                continue
+        state = model.state_dict()
+        stored = {name: tensor for name, tensor in state.items() if name in original}
+        converted = stored_layout(model, {name: t for name, t in state.items() if name not in original})
+        stored.update({name: t for name, t in converted.items() if name in original})
+        unknown = [name for name in converted if name not in original]  # tied weights or buffers the file lacks
+        for name, tensor in stored.items():
             before = original.get(name).to(tensor.dtype)
             if torch.equal(before, tensor.cpu()):
                 unchanged += 1
@@ -188,6 +200,7 @@ def run_unlearn(config: UnlearnConfig) -> Report:
         before = _scores(model, sets, config)
     with timer.stage("prepare"):
         plan = method.build(model, sets.train, method_config, torch.Generator().manual_seed(config.seed))
+    notes.extend(plan.notes)  # e.g. what the block-layout probe found (methods/unlearn/architecture.py)
     model.train(False)  # no dropout: the steps are deterministic
     with timer.stage("unlearn"):
         curve = train_plan(plan, method_config, sets.train, config.seed, processes)
@@ -200,7 +213,9 @@ def run_unlearn(config: UnlearnConfig) -> Report:
         after = _scores(model, sets, config)
     with timer.stage("diff"):
         changed, unchanged, unknown = changed_tensors(model, loaded.path, config.allow_pickle)
-    stray = sorted({c.name for c in changed} - set(plan.targeted))
+    state = model.state_dict()
+    targeted = set(plan.targeted) | set(stored_layout(model, {n: state[n] for n in plan.targeted if n in state}))
+    stray = sorted({c.name for c in changed} - targeted)
     if stray:
         raise RuntimeFailure("diff", f"tensors outside the method's targets changed: {stray[:5]}")
     if unknown:

@@ -43,6 +43,8 @@ def to_markdown(report: Report) -> str:
         f"; peak device memory: {report.peak_device_mb:.0f} MiB" if report.peak_device_mb is not None else ""), ""]
     if report.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
+    if any(m.tokens is not None for m in report.matrices):
+        lines += _experts_section(report)
     if report.matrices:
         lines += _matrix_table(report)
     lines += ["## Options", "", "```yaml", yaml.safe_dump(report.options, sort_keys=False).rstrip(), "```", ""]
@@ -105,6 +107,32 @@ def _merge_section(merge) -> list[str]:
         for t in merge.tensors:
             row = f"| {t.name} | {'×'.join(map(str, t.shape))} | {t.sparsity:.4f} | {t.sign_conflict:.4f} |"
             lines.append(row + (f" {_fmt(t.mask_density)} |" if masked else ""))
+        lines.append("")
+    return lines
+
+
+def _experts_section(report: Report) -> list[str]:
+    """Per experts module: each expert's calibration tokens, its matrices' ranks and which Gram fitted them."""
+    layers: dict[str, dict[int, dict]] = {}
+    for m in report.matrices:
+        if m.tokens is None:
+            continue
+        path, matrix, expert = m.name.rsplit(".", 2)  # model.layers.0.mlp.experts . gate_up_proj . 3
+        row = layers.setdefault(path, {}).setdefault(int(expert), {"tokens": m.tokens, "ranks": {}, "grams": {}})
+        row["ranks"][matrix] = _shape_cell(m)
+        row["grams"][matrix] = m.gram or "–"
+    matrices = sorted({k for experts in layers.values() for row in experts.values() for k in row["ranks"]})
+    lines = ["## Experts", "", "Calibration tokens the router sent to each expert, each matrix's rank and the Gram "
+             "that fitted it (pooled: all the layer's tokens, for an expert with fewer tokens than the matrix has "
+             "inputs, or with -O expert_grams=pooled).", ""]
+    for path, experts in layers.items():
+        lines += [f"**{path}**", "", "| expert | tokens | " + " | ".join(matrices) + " | Gram |",
+                  "|---:|---:|" + "---:|" * len(matrices) + "---|"]
+        for e, row in sorted(experts.items()):
+            kinds = {row["grams"].get(k, "–") for k in matrices}
+            grams = kinds.pop() if len(kinds) == 1 else ", ".join(f"{k}: {row['grams'].get(k, '–')}" for k in matrices)
+            lines.append(f"| {e} | {row['tokens']:,} | " + " | ".join(row["ranks"].get(k, "–") for k in matrices)
+                         + f" | {grams} |")
         lines.append("")
     return lines
 

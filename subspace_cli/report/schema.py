@@ -25,6 +25,10 @@ class MatrixReport(BaseModel):
     reference_rel_error: float | None = Field(
         None, description="dictionary: svd-llm's whitened rel. error at the rank storing the same number of parameters")
     energy_kept: float = Field(description="fraction of Σσ² kept in the method's own (whitened/scaled) space")
+    tokens: int | None = Field(None, description="MoE expert matrix: calibration tokens the router sent to its expert")
+    gram: Literal["routed", "pooled"] | None = Field(
+        None, description="MoE expert matrix: fitted with the Gram of its routed tokens, or the pooled Gram of all "
+        "the layer's tokens (too few routed tokens, or -O expert_grams=pooled)")
 
 
 class ParamTotals(BaseModel):

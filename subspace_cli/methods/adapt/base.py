@@ -12,6 +12,7 @@ so `PeftModel.from_pretrained(untouched_base, out)` reproduces the trained model
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -56,6 +57,19 @@ class AdapterLayer(nn.Module):
             return d.B @ d.A
         # Conv: ΔW[o, i, *k] = Σ_r B[o, r] · A[r, i, *k]
         return torch.einsum("or,r...->o...", d.B.flatten(1), d.A)
+
+
+def kaiming_lora_A(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """A LoRA down-projection A [r, in] (conv: [r, in/groups, *kernel]) as PEFT initialises lora_A:
+    nn.Linear's Kaiming-uniform with a = √5, i.e. U(−1/√fan_in, 1/√fan_in) (Hu et al. 2021, arXiv 2106.09685).
+
+    Drawn on the CPU from the run's generator, in the adapter's dtype, one layer after another in
+    the order of the targeted layers: lora, dora-peft and dora then start from bitwise the same A
+    under one --seed, on any device.
+    """
+    a = torch.empty(shape, dtype=dtype)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+    return a
 
 
 # factory(base layer, rank, alpha, method config, generator) -> AdapterLayer. `alpha` is the LoRA

@@ -20,7 +20,6 @@ With dropout in training, x is dropped first and W·x recomputed on it, as PEFT 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
@@ -30,7 +29,7 @@ from torch import nn
 from subspace_cli.errors import UsageError
 from subspace_cli.io.discovery import is_linear_like, weight_matrix
 from subspace_cli.kernels.dora_compose import dora_compose
-from subspace_cli.methods.adapt.base import AdapterLayer, DoraExport, LoraDelta, layerwise
+from subspace_cli.methods.adapt.base import AdapterLayer, DoraExport, LoraDelta, kaiming_lora_A, layerwise
 from subspace_cli.methods.adapt.lora_family import DEFAULT_LR, LoraConfig
 from subspace_cli.methods.registry import Method, register
 
@@ -89,8 +88,7 @@ class DoraLayer(AdapterLayer, DoraExport):
         weight = weight_matrix(base)  # [out, in], a view for Conv1D's [in, out] storage
         out_f, in_f = weight.shape
         self.scaling = alpha / rank
-        a = torch.empty(rank, in_f, dtype=_acc(weight))
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # as nn.Linear and PEFT's lora_A
+        a = kaiming_lora_A((rank, in_f), _acc(weight), generator)  # as lora and dora-peft under the same seed
         self.lora_A = nn.Parameter(a.to(weight.device))  # [r, in]
         self.lora_B = nn.Parameter(torch.zeros(out_f, rank, dtype=a.dtype, device=weight.device))  # [out, r]
         # ‖W‖²_row [out]: W is frozen, so the first norm term is computed once.

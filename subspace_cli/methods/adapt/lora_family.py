@@ -20,7 +20,8 @@ from pydantic import Field
 from torch import nn
 
 from subspace_cli.errors import UsageError
-from subspace_cli.methods.adapt.base import AdaptContext, AdaptedModel, LoraDelta
+from subspace_cli.methods.adapt.base import AdaptContext, AdaptedModel, LoraDelta, kaiming_lora_A
+from subspace_cli.methods.adapt.experts import ExpertStack, param_wrapper, unpack
 from subspace_cli.methods.registry import Method, MethodConfig, register
 
 DEFAULT_LR = 2e-4  # LoRA's usual step size; every method here trains an A·B pair of the same scale
@@ -41,9 +42,11 @@ class CordaConfig(LoraConfig):
     samples: int = Field(16, ge=1, description="training sequences run to collect activation covariances")
 
 
-def _lora_layers(peft_model, paths) -> dict[str, nn.Module]:
+def _lora_layers(peft_model, layers) -> dict[str, nn.Module]:
+    """PEFT's LoRA layer per target: the Linear's wrapper, or an expert stack's ParamWrapper."""
     root = peft_model.base_model.model
-    return {path: root.get_submodule(path) for path in paths}
+    return {path: param_wrapper(root, path) if isinstance(m, ExpertStack) else root.get_submodule(path)
+            for path, m in layers.items()}
 
 
 def _pair(layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +74,14 @@ def _peft_build(init: str, moves_base: bool, use_dora: bool = False):
         import peft
 
         fan_in_fan_out = any(type(m).__name__ == "Conv1D" for m in layers.values())
+        # Expert stacks (3-D parameters) go to PEFT's target_parameters: plain LoRA only, no dropout.
+        stacks = [path for path, m in layers.items() if isinstance(m, ExpertStack)]
+        if stacks and not build.adapts_experts:
+            raise UsageError(f"method '{'dora-peft' if use_dora else init}' adapts Linear layers; experts are 3-D "
+                             f"parameters ({stacks[0]}): use --method lora, or --exclude experts")
+        if stacks and config.dropout:
+            raise UsageError(f"-O dropout={config.dropout:g}: PEFT's LoRA on expert parameters ({stacks[0]}) takes no "
+                             "dropout (it cannot drop a parameter's input); pass -O dropout=0, or --exclude experts")
         init_weights: bool | str = {"lora": True, "milora": True}.get(init, init)
         if init == "pissa" and config.niter:
             init_weights = f"pissa_niter_{config.niter}"  # PEFT's spelling of the option
@@ -78,7 +89,8 @@ def _peft_build(init: str, moves_base: bool, use_dora: bool = False):
         if init == "corda":
             extra["corda_config"] = peft.tuners.lora.config.CordaConfig(corda_method=config.mode)
         lora_config = peft.LoraConfig(
-            r=rank, lora_alpha=alpha, target_modules=list(layers), lora_dropout=config.dropout,
+            r=rank, lora_alpha=alpha, target_modules=[p for p in layers if p not in stacks],
+            target_parameters=stacks or None, lora_dropout=config.dropout,
             init_lora_weights=init_weights, use_dora=use_dora, fan_in_fan_out=fan_in_fan_out, **extra)
         if init == "corda":
             if context.run_calibration is None:
@@ -86,9 +98,17 @@ def _peft_build(init: str, moves_base: bool, use_dora: bool = False):
             from peft.tuners.lora.corda import preprocess_corda
 
             preprocess_corda(model, lora_config, run_model=lambda: context.run_calibration(model))
-        torch.manual_seed(context.generator.initial_seed())  # PEFT draws A's init from the global RNG
+        torch.manual_seed(context.generator.initial_seed())  # PEFT draws its random inits from the global RNG
         peft_model = peft.get_peft_model(model, lora_config)
         lora_layers = _lora_layers(peft_model, layers)
+        if init == "lora":
+            # PEFT's A comes from the global RNG after as many draws as its version makes when it builds
+            # the layers; A is redrawn from the run's generator instead (the same distribution), so that
+            # lora, dora-peft and dora start from the same A under one --seed. B stays PEFT's zeros.
+            with torch.no_grad():
+                for layer in lora_layers.values():
+                    weight = layer.lora_A["default"].weight
+                    weight.copy_(kaiming_lora_A(tuple(weight.shape), weight.dtype, context.generator))
         if init == "milora":
             for layer in lora_layers.values():
                 _milora_init(layer, rank)
@@ -97,6 +117,9 @@ def _peft_build(init: str, moves_base: bool, use_dora: bool = False):
         def deltas() -> dict[str, LoraDelta]:
             out = {}
             for path, layer in lora_layers.items():
+                if path in stacks:  # lora only: every expert's pair, PEFT's packing undone
+                    out[path] = unpack(layer)
+                    continue
                 A, B = _pair(layer)
                 if path in initial:
                     A0, B0 = initial[path]
@@ -111,6 +134,8 @@ def _peft_build(init: str, moves_base: bool, use_dora: bool = False):
                  "LoRA on the untouched base"] if moves_base else []
         return AdaptedModel(peft_model, deltas, use_dora=use_dora, notes=notes)
 
+    # PEFT's ParamWrapper takes plain LoRA only (no DoRA; its other inits read a Linear's weight).
+    build.adapts_experts = init == "lora" and not use_dora
     return build
 
 

@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import ConfigDict, Field, field_validator
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from subspace_cli.errors import RuntimeFailure, UsageError
+from subspace_cli.evaluate.chunked_logits import BatchLogits
 from subspace_cli.methods.registry import Method, MethodConfig, register
 
 # Every 2-D weight inside the decoder blocks (attention and MLP projections; norms are 1-D).
@@ -186,13 +186,27 @@ def _rows(ids: Tensor, step: int, batch_size: int) -> Tensor:
     return ids[index]  # [batch_size, seqlen]
 
 
-def _objective(logits: Tensor, ids: Tensor, objective: str) -> Tensor:
-    """Scalar objective from logits [b, s, V] of token ids [b, s]."""
-    logits = logits.float()
-    if objective == "lm":
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-    logp = logits.log_softmax(-1)  # [b, s, V]
-    return -(logp.exp() * logp).sum(-1).mean()
+def _entropy_sum(logits: Tensor, positions: slice) -> Tensor:
+    """Σ of the prediction entropies of logits [b, c, V] (float32)."""
+    logp = logits.log_softmax(-1)  # [b, c, V]
+    return -(logp.exp() * logp).sum()
+
+
+class _Objective(nn.Module):
+    """The scalar objective of token ids [b, s] under `model`, for `functional_call` (which swaps the
+    merged θ in for one call): logits a chunk of positions at a time, each chunk recomputed in
+    backward, so the [b, s, V] logits are never whole (evaluate/chunked_logits.py)."""
+
+    def __init__(self, model: nn.Module, objective: str):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, ids: Tensor) -> Tensor:
+        batch = BatchLogits(self.model, ids)
+        b, s = ids.shape
+        if self.objective == "lm":  # mean next-token cross-entropy over the s − 1 scored positions
+            return batch.loss_sum(ids[:, 1:], stop=s - 1) / (b * (s - 1))
+        return batch.chunk_sum(_entropy_sum) / (b * s)  # mean prediction entropy over all positions
 
 
 def fit_concrete_mask(model: nn.Module, task_vectors: dict[str, list[Tensor]], batches: list[Tensor],
@@ -216,6 +230,7 @@ def fit_concrete_mask(model: nn.Module, task_vectors: dict[str, list[Tensor]], b
                             requires_grad=True) for n in names}  # ℓ, shape of each targeted tensor
     optimizer = torch.optim.Adam(list(logits.values()), lr=config.lr)
     frozen = {n: p.detach() for n, p in params.items()}  # the rest of the model, outside autograd
+    objective = _Objective(model, config.objective)  # its parameters are the model's, named "model.<name>"
     tiny = torch.finfo(torch.float32).tiny
 
     def merge(name: str, noise: Tensor) -> Tensor:
@@ -236,12 +251,12 @@ def fit_concrete_mask(model: nn.Module, task_vectors: dict[str, list[Tensor]], b
         total = 0.0
         for ids in batches:
             rows = _rows(ids, step, config.batch_size).to(device)
-            out = functional_call(model, {**frozen, **theta}, (rows,), {"use_cache": False})
-            loss = _objective(out.logits if hasattr(out, "logits") else out[0], rows, config.objective) / num_tasks
+            weights = {f"model.{n}": p for n, p in {**frozen, **theta}.items()}
+            loss = functional_call(objective, weights, (rows,)) / num_tasks
             for n, g in zip(names, torch.autograd.grad(loss, [theta[n] for n in names])):
                 grads[n] += g
             total += loss.item()
-            del out, loss
+            del loss
         if total != total or abs(total) == float("inf"):
             raise RuntimeFailure("concrete mask", f"objective is {total} at step {step + 1}")
         del theta

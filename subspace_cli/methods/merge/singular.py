@@ -12,7 +12,14 @@ by wᵢ):
   = mean of all retained singular values.
 
 θ = θ₀ + α·Δ; α = 0 returns θ₀ bit for bit. Tensors that are not 2-D (norms, biases) take the mean of the
-weighted task vectors, Σ wᵢΔᵢ / T, times α: what the authors' code does for both papers.
+weighted task vectors, Σ wᵢΔᵢ / T, times α: what the authors' code does for both papers; so do 2-D tensors
+named `…bias` (stacked per-expert biases [E, out] are vectors, not a linear map).
+
+Mixture-of-experts stacks, 3-D tensors [E, out, in] with an `experts` component in their name
+(transformers 5's `model.layers.N.mlp.experts.gate_up_proj` / `down_proj`, stored so by some
+checkpoints), are E matrices: each expert's slice is merged on its own, as the same expert stored as
+separate 2-D tensors (Mixtral's `experts.e.w1.weight`) would be. Flattening the stack, or averaging it
+as a non-matrix, would mix the experts' singular bases.
 
 Merging N identical fine-tunes does not give that fine-tune back, by design: tsv keeps only each Δ's top
 r // T directions (a Δ of rank ≤ r // T comes back exactly); iso-c and iso-cts flatten the spectrum (σ̄·U Vᵀ)
@@ -28,6 +35,8 @@ tiny test matrices) it keeps the result deterministic: the polar factor is taken
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from pydantic import Field
@@ -104,8 +113,27 @@ def _mean(deltas: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(deltas).mean(dim=0)
 
 
-def _is_matrix(base: torch.Tensor) -> bool:
-    return base.ndim == 2 and base.numel() > 0
+def _is_matrix(name: str, base: torch.Tensor) -> bool:
+    return base.ndim == 2 and base.numel() > 0 and not name.endswith("bias")
+
+
+def is_expert_stack(name: str, tensor: torch.Tensor) -> bool:
+    """A stack of expert matrices [E, out, in] (a 3-D tensor named `….experts.…`), not a conv kernel."""
+    return tensor.ndim == 3 and tensor.numel() > 0 and "experts" in name.split(".")
+
+
+def per_expert(merge):
+    """`merge` on each expert's slice [out, in] of an expert stack, stacked back to [E, out, in]; other
+    tensors as they are."""
+
+    def build(inputs: TensorInputs, config):
+        if inputs.base is None or not is_expert_stack(inputs.name, inputs.base):
+            return merge(inputs, config)
+        return torch.stack([merge(replace(inputs, name=f"{inputs.name}[{e}]", base=inputs.base[e],
+                                          models=[m[e] for m in inputs.models]), config)
+                            for e in range(inputs.base.shape[0])])
+
+    return build
 
 
 def cts_split(rank: int, tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -126,7 +154,7 @@ def merge_tsv(inputs: TensorInputs, config: TsvConfig) -> torch.Tensor:
     base, deltas = _weighted(inputs, "tsv")
     if config.alpha == 0 or not deltas:
         return base.clone()
-    if not _is_matrix(base):
+    if not _is_matrix(inputs.name, base):
         return apply_update(base, _mean(deltas), config.alpha)
     rank = min(base.shape)
     k = max(1, int(rank * config.fraction)) if config.fraction is not None else max(1, rank // len(deltas))
@@ -144,7 +172,7 @@ def merge_iso_c(inputs: TensorInputs, config: IsoCConfig) -> torch.Tensor:
     base, deltas = _weighted(inputs, "iso-c")
     if config.alpha == 0 or not deltas:
         return base.clone()
-    if not _is_matrix(base):
+    if not _is_matrix(inputs.name, base):
         return apply_update(base, _mean(deltas), config.alpha)
     u, s, vh = top_triplets(torch.stack(deltas).sum(dim=0), min(base.shape))  # of Σ wᵢΔᵢ
     if s.numel() == 0:
@@ -157,7 +185,7 @@ def merge_iso_cts(inputs: TensorInputs, config: IsoCtsConfig) -> torch.Tensor:
     base, deltas = _weighted(inputs, "iso-cts")
     if config.alpha == 0 or not deltas:
         return base.clone()
-    if not _is_matrix(base):
+    if not _is_matrix(inputs.name, base):
         return apply_update(base, _mean(deltas), config.alpha)
     common, per_task = cts_split(min(base.shape), len(deltas), config.common_fraction)
     uc, sc, vhc = top_triplets(torch.stack(deltas).sum(dim=0), common)  # common subspace [m, kc], [kc], [kc, n]
@@ -176,19 +204,19 @@ def merge_iso_cts(inputs: TensorInputs, config: IsoCtsConfig) -> torch.Tensor:
 
 
 register(Method(
-    name="tsv", verb="merge", config_class=TsvConfig, build=merge_tsv,
+    name="tsv", verb="merge", config_class=TsvConfig, build=per_expert(merge_tsv),
     paper="Gargiulo et al. 2025 (CVPR), arXiv 2412.00081 (Task Singular Vectors, TSV-M)",
     summary="keep each task matrix's top 1/T singular triplets, orthogonalise the concatenated bases, add to the base",
     needs=("base",),
 ))
 register(Method(
-    name="iso-c", verb="merge", config_class=IsoCConfig, build=merge_iso_c,
+    name="iso-c", verb="merge", config_class=IsoCConfig, build=per_expert(merge_iso_c),
     paper="Marczak et al. 2025, arXiv 2502.04959 (No Task Left Behind: Iso-C)",
     summary="sum the task matrices and flatten their singular spectrum to its mean",
     needs=("base",),
 ))
 register(Method(
-    name="iso-cts", verb="merge", config_class=IsoCtsConfig, build=merge_iso_cts,
+    name="iso-cts", verb="merge", config_class=IsoCtsConfig, build=per_expert(merge_iso_cts),
     paper="Marczak et al. 2025, arXiv 2502.04959 (No Task Left Behind: Iso-CTS)",
     summary="common subspace of the summed task matrices plus task-specific directions, flat spectrum",
     needs=("base",),

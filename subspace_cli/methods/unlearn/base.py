@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import nn
 
 from subspace_cli.errors import UsageError
-from subspace_cli.io.discovery import block_linears, compile_pattern, find_blocks
+from subspace_cli.io.discovery import block_linears, compile_pattern, find_blocks, linear_names
 from subspace_cli.methods.registry import MethodConfig
 
 
@@ -33,6 +33,7 @@ class UnlearnPlan:
     targeted: list[str]  # checkpoint names of the weights that may change
     finish: Callable[[], None] = lambda: None  # e.g. bake parametrizations into plain weights
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # for the report's notes (e.g. what the layout probe found)
 
 
 class UnlearnConfig(MethodConfig):
@@ -57,22 +58,17 @@ def default_layer(model: nn.Module, config: UnlearnConfig) -> int:
 
 def targeted_linears(model: nn.Module, config: UnlearnConfig, layer: int) -> dict[str, nn.Module]:
     """{dotted path: Linear} of the `modules` regex inside the update blocks."""
+    from subspace_cli.methods.unlearn.architecture import update_blocks
+
     blocks = find_blocks(model)
-    n_blocks = len(blocks.modules)
-    update = config.update_layers if config.update_layers is not None else list(range(max(layer - 2, 0), layer + 1))
-    for index in update:
-        if not 0 <= index < n_blocks:
-            raise UsageError(f"-O update_layers has block {index}, out of range: the model has {n_blocks} blocks "
-                             f"(0 … {n_blocks - 1})")
+    update = update_blocks(model, config.update_layers, layer)
     compile_pattern(config.modules, "-O modules")
     found: dict[str, nn.Module] = {}
     for index in update:
         found.update(block_linears(blocks.modules[index], blocks.block_path(index), config.modules))
     if not found:
-        names = sorted({p.rsplit(".", 2)[-2] + "." + p.rsplit(".", 1)[-1]
-                        for p in block_linears(blocks.modules[update[0]], blocks.block_path(update[0]))})
         raise UsageError(f"-O modules='{config.modules}' matched no Linear layer in blocks {update}; "
-                         f"the blocks hold: {', '.join(names)}")
+                         f"the blocks hold: {', '.join(linear_names(blocks, update[0]))}")
     return found
 
 

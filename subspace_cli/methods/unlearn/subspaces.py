@@ -129,37 +129,77 @@ def control_vector(irrelevant_basis: torch.Tensor, scale: float, generator: torc
 
 
 class SpanUpdate(nn.Module):
-    """Parametrization weight [out, in] ↦ weight + Q C, with Q [out, r] a fixed buffer and C [r, in] trainable, zero at start."""
+    """Parametrization W ↦ W + Q C, Q [out, r] a fixed buffer, C trainable and zero at start.
 
-    def __init__(self, basis: torch.Tensor, in_features: int):
+    W [out, in] (a Linear): C [r, in]. W [out] (a norm's gain): C [r]. W [E, out, in] (experts stored
+    as one 3-D parameter): C [E, r, in], and Q C broadcasts to [E, out, in]. In every case each
+    column of ΔW along the output axis lies in span(Q).
+    """
+
+    def __init__(self, basis: torch.Tensor, coef_shape: tuple[int, ...]):
         super().__init__()
         self.register_buffer("basis", basis.detach().clone())  # Q [out, r]
-        self.coef = nn.Parameter(torch.zeros(basis.shape[1], in_features, dtype=basis.dtype, device=basis.device))
+        self.coef = nn.Parameter(torch.zeros(coef_shape, dtype=basis.dtype, device=basis.device))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.basis @ self.coef  # [out, in]
+        return weight + self.basis @ self.coef  # the weight's shape
 
 
-def restrict_updates(module: nn.Linear, basis: torch.Tensor) -> nn.Parameter:
-    """Freeze module.weight [out, in] and make W = W₀ + Q C its only trainable form; returns C [r, in].
+class ScaledUpdate(nn.Module):
+    """Parametrization W ↦ W + k·Δ, Δ trainable and zero at start: Adam's steps on Δ move W k times as far."""
+
+    def __init__(self, like: torch.Tensor, k: float):
+        super().__init__()
+        self.k = k
+        self.delta = nn.Parameter(torch.zeros_like(like))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.k * self.delta
+
+
+def scaled_updates(module: nn.Module, name: str, k: float) -> nn.Parameter:
+    """Freeze module.<name> and train it as W₀ + k·Δ; returns Δ (same shape). Undo with `bake`."""
+    weight = getattr(module, name)
+    weight.requires_grad_(False)
+    update = ScaledUpdate(weight.detach(), k)
+    parametrize.register_parametrization(module, name, update)
+    return update.delta
+
+
+def _coef_shape(weight: torch.Tensor, r: int) -> tuple[int, ...] | None:
+    """C's shape for a weight whose output axis (0; 1 for [E, out, in]) has Q's rows; None for other ranks."""
+    if weight.dim() == 1:
+        return (r,)
+    if weight.dim() == 2:
+        return (r, weight.shape[1])
+    if weight.dim() == 3:
+        return (weight.shape[0], r, weight.shape[2])
+    return None
+
+
+def restrict_updates(module: nn.Module, basis: torch.Tensor, name: str = "weight") -> nn.Parameter:
+    """Freeze module.<name> (W [out, in], a gain [out] or experts [E, out, in]) and make W = W₀ + Q C
+    its only trainable form; returns C ([r, in], [r] or [E, r, in]).
 
     `basis` Q [out, r] (orthonormal columns, e.g. from `orthonormal_basis`) is moved to the weight's
     device and dtype. Undo with `bake`.
     """
-    weight = module.weight
-    if weight.dim() != 2 or basis.dim() != 2 or basis.shape[0] != weight.shape[0]:
-        raise ValueError(f"restrict_updates needs a basis [out, r] for a weight [out, in]; got basis "
-                         f"{tuple(basis.shape)} for weight {tuple(weight.shape)}")
+    weight = getattr(module, name)
+    out_axis = 1 if weight.dim() == 3 else 0
+    shape = _coef_shape(weight, basis.shape[-1]) if basis.dim() == 2 else None
+    if shape is None or basis.shape[0] != weight.shape[out_axis]:
+        raise ValueError(f"restrict_updates needs a basis [out, r] for a weight [out, in], [out] or [E, out, in]; got "
+                         f"basis {tuple(basis.shape)} for weight {tuple(weight.shape)}")
     weight.requires_grad_(False)
-    update = SpanUpdate(basis.to(device=weight.device, dtype=weight.dtype), weight.shape[1])
-    parametrize.register_parametrization(module, "weight", update)
+    update = SpanUpdate(basis.to(device=weight.device, dtype=weight.dtype), shape)
+    parametrize.register_parametrization(module, name, update)
     return update.coef
 
 
-def bake(module: nn.Linear) -> None:
+def bake(module: nn.Module, name: str = "weight") -> None:
     """Replace the parametrized weight by a plain Parameter holding W₀ + Q C (checkpoint keys as before).
 
     The baked weight stays frozen (requires_grad False), like the original after `restrict_updates`.
     """
-    if parametrize.is_parametrized(module, "weight"):
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    if parametrize.is_parametrized(module, name):
+        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
