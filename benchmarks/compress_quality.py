@@ -55,7 +55,7 @@ def run_one(spec: dict) -> dict:
 
     from subspace_cli.evaluate.perplexity import perplexity
     from subspace_cli.io import data
-    from subspace_cli.io.models import load_model_and_tokenizer
+    from subspace_cli.modules.loading import load_model_and_tokenizer
     from subspace_cli.pipelines.compress import run_compress
     from subspace_cli.pipelines.compress_config import CompressConfig
     from subspace_cli.report.resources import peak_rss_mb

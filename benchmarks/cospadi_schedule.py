@@ -19,8 +19,8 @@ import time
 import torch
 
 from subspace_cli.io import data
-from subspace_cli.io.discovery import weight_matrix
-from subspace_cli.io.models import load_model_and_tokenizer
+from subspace_cli.walk import weight_matrix
+from subspace_cli.modules.loading import load_model_and_tokenizer
 from subspace_cli.linalg.dictionary_budget import dictionary_size
 from subspace_cli.linalg.sparse_dictionary import fit_dictionary
 from subspace_cli.linalg.truncation import Transform, decompose

@@ -3,7 +3,8 @@
 For SmolLM2-135M-like shapes (out, in) at compression ratio 0.2 and k/s = 2, times one forward
 call of: the dense nn.Linear, LowRankLinear at the rank that stores the same bytes as the
 dictionary, DictionaryLinear on its torch path (S scattered to [out, k], one GEMM), and, on CUDA
-only, DictionaryLinear with the Triton packed-product kernel (the interpreter is never timed).
+only, DictionaryLinear opted in to the `subspace::packed_product` op (`use_packed_product`: the
+autotuned Triton kernel, tuned by an untimed first call; the interpreter is never timed).
 Batches of 1 and 64 rows; fp32 on CPU, fp32 and bf16 on CUDA. All sides run in one process with
 random weights (speed does not depend on their values).
 
@@ -25,8 +26,16 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
+from subspace_cli.kernels.packed_product import (
+    packed_product_kernel,
+    use_packed_product,
+)
 from subspace_cli.linalg.dictionary_budget import DictionarySize, position_bytes
-from subspace_cli.modules.remote_modeling import DictionaryLinear, LowRankLinear
+from subspace_cli.modules.remote_modeling import (
+    DictionaryLinear,
+    LowRankLinear,
+    scatter_product,
+)
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536)]  # (out, in): attention q/o, MLP up/gate, MLP down
 BATCHES = (1, 64)
@@ -70,12 +79,7 @@ def median_ms(module, x) -> float:
 
 def run() -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    kernel = None
-    if device == "cuda":
-        try:
-            from subspace_cli.kernels.packed_product import packed_product_triton as kernel
-        except ImportError:
-            kernel = None
+    kernel = packed_product_kernel if device == "cuda" else None  # None without triton
     dtypes = (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, ratio {RATIO}, "
           f"k/s = {K_OVER_S}")
@@ -95,15 +99,13 @@ def run() -> list[dict]:
                        "dense_ms": median_ms(dense, x), "lowrank_ms": median_ms(lowrank, x),
                        "dictionary_torch_ms": median_ms(dictionary, x), "dictionary_triton_ms": None}
                 if kernel is not None:
-                    DictionaryLinear.kernel = staticmethod(kernel)
-                    try:
-                        with torch.no_grad():
-                            y_kernel = dictionary(x).float()
-                        row["dictionary_triton_ms"] = median_ms(dictionary, x)
-                    finally:
-                        DictionaryLinear.kernel = None
                     with torch.no_grad():
                         y_torch = dictionary(x).float()
+                    assert use_packed_product(dictionary)  # this instance only
+                    with torch.no_grad():
+                        y_kernel = dictionary(x).float()  # also runs the autotuner for this shape
+                    row["dictionary_triton_ms"] = median_ms(dictionary, x)
+                    dictionary.product = scatter_product  # back to the torch path for the next batch
                     row["triton_vs_torch_rel"] = float((y_kernel - y_torch).norm() / y_torch.norm())
                 rows.append(row)
                 print(f"  {out_f}x{in_f} {row['dtype']} batch {batch}: done", flush=True)

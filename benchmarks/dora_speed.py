@@ -104,7 +104,7 @@ def sync(device):
 
 
 def measure(layers, x, grad, device, repeats):
-    for layer in layers.values():  # warm-up (Triton compile, allocator)
+    for layer in layers.values():  # warm-up (Triton compile and autotune, allocator)
         for _ in range(3):
             step(layer, x, grad)
     times = {name: [] for name in layers}

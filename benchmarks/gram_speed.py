@@ -17,8 +17,8 @@ import torch
 
 import subspace_cli.pipelines.calibration as calibration
 from subspace_cli.io import data
-from subspace_cli.io.discovery import in_out_features
-from subspace_cli.io.models import load_model_and_tokenizer
+from subspace_cli.walk import in_out_features
+from subspace_cli.modules.loading import load_model_and_tokenizer
 from subspace_cli.linalg.gram import GramStats
 
 SPENT = {"s": 0.0}

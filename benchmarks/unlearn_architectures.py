@@ -116,7 +116,7 @@ def train(name: str) -> Path:
 
 def score(model_dir: Path, method: str, options: dict, sets, base: dict) -> dict:
     from subspace_cli.evaluate.perplexity import perplexity
-    from subspace_cli.methods.registry import get_method
+    from subspace_cli.methods.catalog import get_method
     from subspace_cli.modules.loading import load_model
     from subspace_cli.pipelines import unlearn
 
@@ -124,7 +124,7 @@ def score(model_dir: Path, method: str, options: dict, sets, base: dict) -> dict
     model = load_model(str(model_dir)).eval()
     registered = get_method("unlearn", method)
     config = registered.make_config(options)
-    plan = registered.build(model, sets.train, config, torch.Generator().manual_seed(0))
+    plan = registered.plan(model, sets.train, config, torch.Generator().manual_seed(0))
     model.train(False)
     curve = unlearn.train_plan(plan, config, sets.train, 0)
     plan.finish()
@@ -198,7 +198,7 @@ def main() -> None:
         print(f"{name}: {train(name)}", file=sys.stderr, flush=True)
     if args.train_only:
         return
-    from subspace_cli.io.models import load_model_and_tokenizer
+    from subspace_cli.modules.loading import load_model_and_tokenizer
     from subspace_cli.pipelines import unlearn
     from subspace_cli.pipelines.unlearn_config import UnlearnConfig
 

@@ -20,8 +20,8 @@ import torch
 
 def score(method: str, options: dict) -> dict:
     from subspace_cli.evaluate.perplexity import perplexity
-    from subspace_cli.io.models import load_model_and_tokenizer
-    from subspace_cli.methods.registry import get_method
+    from subspace_cli.modules.loading import load_model_and_tokenizer
+    from subspace_cli.methods.catalog import get_method
     from subspace_cli.pipelines import unlearn
     from subspace_cli.pipelines.unlearn_config import UnlearnConfig
 
@@ -33,7 +33,7 @@ def score(method: str, options: dict) -> dict:
     sets = unlearn._Sets(config, loaded.tokenizer)
     registered = get_method("unlearn", method)
     method_config = registered.make_config(options)
-    plan = registered.build(model, sets.train, method_config, torch.Generator().manual_seed(config.seed))
+    plan = registered.plan(model, sets.train, method_config, torch.Generator().manual_seed(config.seed))
     model.train(False)
     curve = unlearn.train_plan(plan, method_config, sets.train, config.seed)
     plan.finish()

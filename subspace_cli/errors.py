@@ -6,6 +6,9 @@ with the code. Never `assert` on user input.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class SubspaceError(Exception):
     """Base class; `exit_code` is what the CLI exits with."""
@@ -37,3 +40,8 @@ class RuntimeFailure(SubspaceError):
     def __init__(self, stage: str, message: str):
         super().__init__(f"{stage}: {message}")
         self.stage = stage
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

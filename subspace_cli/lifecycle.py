@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 _stages: list[str] = []  # innermost last
 _kept: list[tuple[str, str]] = []  # (what, path) written before the output, kept on failure

@@ -37,3 +37,15 @@ def tiny_model(request, tiny_llama, tiny_gpt2, tiny_bert) -> Path:
 @pytest.fixture()
 def text_file(tmp_path) -> Path:
     return write_text(tmp_path / "calib.txt")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip themselves without CUDA, so `make test` can select every tier anywhere."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))

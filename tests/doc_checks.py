@@ -171,7 +171,7 @@ def documented_out(argv: list[str]) -> str | None:
 
 def check_flags(doc_command: Command, verb: str, words: list[str]) -> None:
     """For fragments: every flag exists, takes its value, and the value has the flag's type."""
-    from subspace_cli.methods.registry import get_method
+    from subspace_cli.methods.catalog import get_method
 
     command = root_command().commands[verb]
     ctx = command.context_class(command, info_name=f"subspace {verb}")

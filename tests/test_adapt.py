@@ -2,30 +2,19 @@
 PEFT loads it on the untouched base, resume is exact, and bad input exits 2 writing nothing."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from subspace_cli.io.models import load_model_and_tokenizer
-from subspace_cli.io.training_data import load_training_data
-from subspace_cli.methods.adapt.base import AdaptContext
-from subspace_cli.methods.registry import methods_for
-from subspace_cli.pipelines.adapt import run_adapt, select_layers
+from cli_runner import run_cli as cli
+from method_contracts import adapter_round_trip_error, method_names
+from subspace_cli.modules.loading import load_model_and_tokenizer
+from subspace_cli.pipelines.adapt import run_adapt
 from subspace_cli.pipelines.adapt_config import AdaptConfig
-from subspace_cli.pipelines.adapter_export import attach_exported
-from subspace_cli.pipelines.trainer import TrainSettings, train
 
 TINY = dict(rank=2, steps=4, seqlen=32, batch_size=4, warmup_steps=1, eval_every=2)
-# Small-model settings per method: corda's covariance from few rows, complementary keeps 2 triplets.
-OPTIONS = {"corda": {"samples": 4}, "complementary": {"preserve": 2}}
-ADAPT_METHODS = sorted(methods_for("adapt"))
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "subspace_cli", *map(str, args)], capture_output=True, text=True)
+ADAPT_METHODS = method_names("adapt")
 
 
 def _config(model, out, data, **kw):
@@ -40,34 +29,7 @@ def _logits(model, ids):
 @pytest.mark.parametrize("method", ADAPT_METHODS)
 def test_saved_adapter_reproduces_the_trained_model(tiny_llama, text_file, tmp_path, method):
     """Train in memory, export, load with PeftModel.from_pretrained on an untouched base: same logits."""
-    from peft import PeftModel
-
-    config = _config(tiny_llama, tmp_path / "out", text_file, method=method, options=OPTIONS.get(method, {}))
-    registered = methods_for("adapt")[method]
-    loaded = load_model_and_tokenizer(str(tiny_llama))
-    data = load_training_data(config.data, loaded.tokenizer, seqlen=config.seqlen)
-    layers = select_layers(loaded.model, config)
-
-    def run_calibration(model):
-        for row in range(4):
-            model(input_ids=data.train.input_ids[row:row + 1])
-
-    adapted = registered.build(loaded.model, layers, config.rank, config.scaling_alpha,
-                               registered.make_config(config.options),
-                               AdaptContext(torch.Generator().manual_seed(0), run_calibration))
-    ids = data.eval.input_ids[:2]
-    before = _logits(adapted.model, ids)
-    # A large step size so every method's update is far from zero (an export bug cannot hide in a tiny ΔW).
-    train(adapted.model, data.train, data.eval, TrainSettings(steps=3, lr=5e-2, warmup_steps=0, eval_every=0))
-    trained = _logits(adapted.model, ids)
-    assert (trained - before).abs().max() > 1e-3  # training changed the model
-
-    untouched = load_model_and_tokenizer(str(tiny_llama), with_tokenizer=False).model
-    peft_model = attach_exported(untouched, adapted.deltas(), adapted.use_dora, str(tiny_llama))
-    peft_model.save_pretrained(tmp_path / "adapter")
-    reloaded = PeftModel.from_pretrained(load_model_and_tokenizer(str(tiny_llama), with_tokenizer=False).model,
-                                         tmp_path / "adapter").eval()
-    err = (_logits(reloaded, ids) - trained).abs().max().item()
+    err = adapter_round_trip_error(method, tiny_llama, text_file, tmp_path)
     assert err < 1e-4, f"{method}: max |Δlogit| {err:.2e}"  # measured ≤ 3e-6 on every method
 
 

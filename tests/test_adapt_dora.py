@@ -9,13 +9,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from subspace_cli.io.discovery import block_linears, find_blocks
-from subspace_cli.io.models import load_model_and_tokenizer
+from subspace_cli.walk import block_linears, find_blocks
+from subspace_cli.modules.loading import load_model_and_tokenizer
 from subspace_cli.methods.adapt import dora
 from subspace_cli.methods.adapt.base import AdaptContext
 from subspace_cli.methods.adapt.dora import DoraLayer, factored_row_norm
 from subspace_cli.methods.adapt.lora_family import LoraConfig
-from subspace_cli.methods.registry import methods_for
+from subspace_cli.methods.catalog import methods_for
 
 
 def _rand(*shape, seed, dtype=torch.float64):
@@ -80,7 +80,7 @@ def _build(path, method, seed=0):
     for i, block in enumerate(blocks.modules):
         layers.update(block_linears(block, blocks.block_path(i)))
     registered = methods_for("adapt")[method]
-    adapted = registered.build(model, layers, 2, 4.0, registered.make_config({"dropout": 0.1}),
+    adapted = registered.attach(model, layers, 2, 4.0, registered.make_config({"dropout": 0.1}),
                                AdaptContext(torch.Generator().manual_seed(seed)))
     root = adapted.model.base_model.model if method == "dora-peft" else adapted.model
     return adapted, {p: root.get_submodule(p) for p in layers}

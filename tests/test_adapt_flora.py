@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from subspace_cli.errors import UsageError
 from subspace_cli.methods.adapt.base import AdaptContext
-from subspace_cli.methods.registry import methods_for
+from subspace_cli.methods.catalog import methods_for
 from subspace_cli.pipelines.adapter_export import attach_exported
 
 FLORA = methods_for("adapt")["flora"]
@@ -29,7 +29,7 @@ CASES = {
 
 
 def _wrap(base, rank=3, alpha=6.0, seed=0, **options):
-    return FLORA.build.factory(base, rank, alpha, FLORA.make_config(options), torch.Generator().manual_seed(seed))
+    return FLORA.attach.factory(base, rank, alpha, FLORA.make_config(options), torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -155,7 +155,7 @@ def test_model_round_trips_through_a_saved_peft_adapter(tmp_path, case):
     torch.manual_seed(0)
     untouched = make_model()
     model = copy.deepcopy(untouched)
-    adapted = FLORA.build(model, {n: model.get_submodule(n) for n in ranks}, 3, 3.0, FLORA.make_config({}),
+    adapted = FLORA.attach(model, {n: model.get_submodule(n) for n in ranks}, 3, 3.0, FLORA.make_config({}),
                           AdaptContext(torch.Generator().manual_seed(0)))
     for name in ranks:
         _perturb(model.get_submodule(name), scale=scale)

@@ -6,18 +6,13 @@ untouched base with the trained model's logits."""
 import pytest
 import torch
 
-from subspace_cli.io.models import load_model_and_tokenizer
-from subspace_cli.io.training_data import load_training_data
-from subspace_cli.methods.adapt.base import AdaptContext
-from subspace_cli.methods.registry import methods_for
+from method_contracts import adapter_round_trip, method_names
+from subspace_cli.modules.loading import load_model_and_tokenizer
 from subspace_cli.pipelines.adapt import select_layers
 from subspace_cli.pipelines.adapt_config import AdaptConfig
-from subspace_cli.pipelines.adapter_export import attach_exported
-from subspace_cli.pipelines.trainer import TrainSettings, train
 from tiny_architectures import make_tiny_arch
 
-OPTIONS = {"corda": {"samples": 4}, "complementary": {"preserve": 2}}
-ADAPT_METHODS = sorted(methods_for("adapt"))
+ADAPT_METHODS = method_names("adapt")
 
 
 @pytest.fixture(scope="module")
@@ -42,35 +37,7 @@ def test_fused_projections_are_targeted_whole(phi3, tmp_path):
 @pytest.mark.parametrize("method", ADAPT_METHODS)
 def test_every_method_reloads_in_peft_on_phi3(phi3, text_file, tmp_path, method):
     """Train in memory, export, PeftModel.from_pretrained on an untouched Phi-3: the same logits (1e-4)."""
-    from peft import PeftModel
-
-    config = AdaptConfig(model=str(phi3), out=str(tmp_path / "out"), data=[str(text_file)], rank=2, seqlen=32,
-                         method=method, options=OPTIONS.get(method, {}))
-    registered = methods_for("adapt")[method]
-    loaded = load_model_and_tokenizer(str(phi3))
-    data = load_training_data(config.data, loaded.tokenizer, seqlen=config.seqlen)
-    layers = select_layers(loaded.model, config)
-    assert any(path.endswith("qkv_proj") for path in layers) and any(path.endswith("gate_up_proj") for path in layers)
-
-    def run_calibration(model):
-        for row in range(4):
-            model(input_ids=data.train.input_ids[row:row + 1])
-
-    adapted = registered.build(loaded.model, layers, config.rank, config.scaling_alpha,
-                               registered.make_config(config.options),
-                               AdaptContext(torch.Generator().manual_seed(0), run_calibration))
-    ids = data.eval.input_ids[:2]
-    before = _logits(adapted.model, ids)
-    # A large step so every update is far from zero: an export bug cannot hide in a tiny ΔW.
-    train(adapted.model, data.train, data.eval, TrainSettings(steps=3, lr=5e-2, warmup_steps=0, eval_every=0))
-    trained = _logits(adapted.model, ids)
-    assert (trained - before).abs().max() > 1e-3
-    deltas = adapted.deltas()
-    assert {p for p in deltas if p.endswith(("qkv_proj", "gate_up_proj"))}, "fused projections were not adapted"
-
-    untouched = load_model_and_tokenizer(str(phi3), with_tokenizer=False).model
-    attach_exported(untouched, deltas, adapted.use_dora, str(phi3)).save_pretrained(tmp_path / "adapter")
-    reloaded = PeftModel.from_pretrained(load_model_and_tokenizer(str(phi3), with_tokenizer=False).model,
-                                         tmp_path / "adapter").eval()
-    err = (_logits(reloaded, ids) - trained).abs().max().item()
-    assert err < 1e-4, f"{method}: max |Δlogit| {err:.2e}"  # measured ≤ 1.5e-7 on every method
+    trip = adapter_round_trip(method, phi3, text_file, tmp_path)
+    assert any(path.endswith("qkv_proj") for path in trip.layers) and any(path.endswith("gate_up_proj") for path in trip.layers)
+    assert {p for p in trip.deltas if p.endswith(("qkv_proj", "gate_up_proj"))}, "fused projections were not adapted"
+    assert trip.error < 1e-4, f"{method}: max |Δlogit| {trip.error:.2e}"  # measured ≤ 1.5e-7 on every method

@@ -8,18 +8,19 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_architectures import MOE, make_tiny_arch
 
 from subspace_cli.errors import UsageError
-from subspace_cli.io.models import load_model_and_tokenizer
 from subspace_cli.io.training_data import load_training_data
 from subspace_cli.methods.adapt.base import AdaptContext
-from subspace_cli.methods.adapt.experts import ExpertLoraDelta, ExpertStack
-from subspace_cli.methods.registry import methods_for
+from subspace_cli.methods.adapt.experts import ExpertLoraDelta
+from subspace_cli.methods.catalog import methods_for
+from subspace_cli.modules.loading import load_model_and_tokenizer
 from subspace_cli.pipelines.adapt import run_adapt, select_layers
 from subspace_cli.pipelines.adapt_config import AdaptConfig
 from subspace_cli.pipelines.adapter_export import attach_exported
 from subspace_cli.pipelines.trainer import TrainSettings, train
-from tiny_architectures import MOE, make_tiny_arch
+from subspace_cli.walk import ExpertStack
 
 TINY = dict(rank=2, steps=3, seqlen=32, batch_size=4, warmup_steps=0, eval_every=0, lr=5e-2)
 STACKS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
@@ -68,7 +69,7 @@ def test_lora_adapter_on_experts_reloads_in_peft(moe, arch, text_file, tmp_path)
     loaded = load_model_and_tokenizer(str(path))
     data = load_training_data(config.data, loaded.tokenizer, seqlen=config.seqlen)
     layers = select_layers(loaded.model, config)
-    adapted = lora.build(loaded.model, layers, config.rank, config.scaling_alpha, lora.make_config({}),
+    adapted = lora.attach(loaded.model, layers, config.rank, config.scaling_alpha, lora.make_config({}),
                          AdaptContext(torch.Generator().manual_seed(0)))
     ids = data.eval.input_ids[:2]
     before = _logits(adapted.model, ids)

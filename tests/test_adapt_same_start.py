@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from subspace_cli.io.models import load_model_and_tokenizer
+from subspace_cli.modules.loading import load_model_and_tokenizer
 from subspace_cli.methods.adapt.base import AdaptContext
-from subspace_cli.methods.registry import methods_for
+from subspace_cli.methods.catalog import methods_for
 from subspace_cli.pipelines.adapt import select_layers
 from subspace_cli.pipelines.adapt_config import AdaptConfig
 
@@ -23,7 +23,7 @@ def _start(model_path, text_file, method: str, seed: int) -> dict[str, tuple[tor
     model = load_model_and_tokenizer(str(model_path), with_tokenizer=False).model
     layers = select_layers(model, config)
     registered = methods_for("adapt")[method]
-    adapted = registered.build(model, layers, config.rank, config.scaling_alpha,
+    adapted = registered.attach(model, layers, config.rank, config.scaling_alpha,
                                registered.make_config(config.options),
                                AdaptContext(torch.Generator().manual_seed(config.seed)))  # as run_adapt
     root = adapted.model.base_model.model if method != "dora" else adapted.model

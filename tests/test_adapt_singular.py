@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from subspace_cli.errors import UsageError
-from subspace_cli.io.models import load_model_and_tokenizer
+from subspace_cli.modules.loading import load_model_and_tokenizer
 from subspace_cli.methods.adapt.base import AdaptContext
-from subspace_cli.methods.registry import methods_for
+from subspace_cli.methods.catalog import methods_for
 from subspace_cli.pipelines.adapt import select_layers
 from subspace_cli.pipelines.adapt_config import AdaptConfig
 
@@ -17,7 +17,7 @@ METHODS = methods_for("adapt")
 
 def _layer(method, base, rank=4, alpha=8.0, seed=0, **options):
     m = METHODS[method]
-    return m.build.factory(base, rank, alpha, m.make_config(options), torch.Generator().manual_seed(seed))
+    return m.attach.factory(base, rank, alpha, m.make_config(options), torch.Generator().manual_seed(seed))
 
 
 def _linear(out_f=24, in_f=20, seed=0, spectrum=None):
@@ -182,7 +182,7 @@ def test_complementary_init_is_peft_kaiming_and_seeded():
 def test_complementary_preserve_too_large_names_the_layer():
     model = nn.Module()
     model.proj = nn.Linear(8, 6)
-    build = METHODS["complementary"].build
+    build = METHODS["complementary"].attach
     config = METHODS["complementary"].make_config({"preserve": 6})
     with pytest.raises(UsageError, match=r"layer proj .*preserve must be ≤ min\(out, in\) − 1 = 5"):
         build(model, {"proj": model.proj}, 2, 2.0, config, AdaptContext(torch.Generator().manual_seed(0)))
@@ -194,7 +194,7 @@ def test_svft_top_k_refuses_non_square_layers_by_name():
     model.up = nn.Linear(8, 16)
     config = METHODS["svft"].make_config({"pattern": "top-k"})
     with pytest.raises(UsageError, match=r"layer up \[16×8\] is not square"):
-        METHODS["svft"].build(model, {"up": model.up}, 2, 2.0, config, AdaptContext(torch.Generator()))
+        METHODS["svft"].attach(model, {"up": model.up}, 2, 2.0, config, AdaptContext(torch.Generator()))
 
 
 def test_non_linear_layers_are_refused():
@@ -230,7 +230,7 @@ def test_tiny_llama_starts_at_the_base_model(tiny_llama, tmp_path, method, optio
     shapes = {path: (m.out_features, m.in_features) for path, m in layers.items()}
     m = METHODS[method]
     context = AdaptContext(torch.Generator().manual_seed(0))
-    adapted = m.build(loaded.model, layers, 2, 2.0, m.make_config(options), context)
+    adapted = m.attach(loaded.model, layers, 2, 2.0, m.make_config(options), context)
     trainable = {n: p.numel() for n, p in adapted.model.named_parameters() if p.requires_grad}
     assert sum(trainable.values()) == sum(per_layer(*shape) for shape in shapes.values())
     with torch.no_grad():

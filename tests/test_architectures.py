@@ -17,7 +17,7 @@ def arch_dirs(tmp_path_factory):
 
 def _block_outputs(model, input_ids) -> list[torch.Tensor]:
     """Each block's output in a real forward pass (forward hooks, first element of tuples)."""
-    from subspace_cli.io.discovery import find_blocks
+    from subspace_cli.walk import find_blocks
 
     outputs = []
     hooks = [block.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))

@@ -288,6 +288,7 @@ def bos_family(tmp_path_factory, bos_llama):
                           (("a", 1), ("b", 2))]
 
 
+@pytest.mark.slow
 def test_every_verb_feeds_the_model_rows_that_open_with_one_bos(bos_llama, bos_family, tmp_path, seen):
     text = tmp_path / "text.txt"
     text.write_text(TEXT)

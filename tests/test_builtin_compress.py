@@ -11,7 +11,7 @@ from subspace_cli.modules.loading import load_model
 from subspace_cli.pipelines.compress import compress_and_write
 from subspace_cli.pipelines.compress_config import CompressConfig
 
-pytestmark = pytest.mark.builtin
+pytestmark = [pytest.mark.builtin, pytest.mark.slow]
 
 _BLOCK_SUBSPACE = """
 import sys

@@ -137,6 +137,7 @@ def test_minilm_loads_as_bert():
 
 
 @pytest.mark.builtin
+@pytest.mark.slow
 def test_smollm2_conversion_matches_gguf_logits():
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 

@@ -15,7 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from subspace_cli.errors import UsageError
-from subspace_cli.io.checkpoint import auto_class_for, param_count, write_checkpoint
+from subspace_cli.modules.checkpoint import auto_class_for, param_count, write_checkpoint
 from subspace_cli.io.output_dir import atomic_output_dir, check_output_dir
 from subspace_cli.modules.loading import load_model
 from subspace_cli.modules.lowrank import LowRankLinear, apply_factored_layout, densify_, factored_layout
@@ -210,6 +210,7 @@ def test_load_model_round_trip(name, factored, monkeypatch):
 
 
 @pytest.mark.parametrize("name", CASES)
+@pytest.mark.slow
 def test_remote_code_round_trip(name, factored, remote):
     model, expected, _ = factored[name]
     assert remote["importable"] is False

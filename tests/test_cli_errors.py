@@ -55,6 +55,18 @@ def test_parse_errors_are_one_line_and_json(args, fragment):
     assert payload["ok"] is False and payload["exit_code"] == 2 and fragment in payload["error"]
 
 
+@pytest.mark.parametrize("verb", ["compress", "adapt", "merge", "unlearn"])
+@pytest.mark.parametrize("pair, fragment", [("rank", "is not KEY=VALUE"), ("layers=[1,", "value is not valid YAML")])
+def test_bad_method_option_is_exit_2_naming_the_flag(llama, tmp_path, verb, pair, fragment):
+    """`-O` is read like `subspace run --set` (one parser, io/yaml_files.py). Before: a value that is not
+    YAML (`-O layers=[1,`) escaped as an unexpected ScannerError, exit 3."""
+    text = str(write_text(tmp_path / "t.txt"))
+    inputs = {"merge": [llama, llama], "unlearn": [llama, "--forget", text, "--retain", text]}.get(verb, [llama])
+    line = assert_one_error(invoke(verb, *inputs, "--out", tmp_path / "out", "-O", pair), 2)
+    assert f"-O '{pair}'" in line and fragment in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_unexpected_exception_is_exit_3_naming_the_stage(llama, tmp_path, monkeypatch):
     """Before: a traceback and exit 1. Now: exit 3, the stage, the cause, and --debug for the traceback."""
     import subspace_cli.pipelines.compress as compress
@@ -130,7 +142,7 @@ def test_json_and_report_are_strict_with_infinite_metrics(llama, tmp_path, monke
     """Before: `"ppl": Infinity` in --json and report.json, which strict parsers reject."""
     import subspace_cli.pipelines.compress as compress
 
-    monkeypatch.setattr(compress, "shared_perplexity",
+    monkeypatch.setattr(compress, "perplexity",
                         lambda *args, **kwargs: {"ppl": float("inf"), "nll": float("nan"), "n_tokens": 10})
     out = tmp_path / "out"
     result = invoke("compress", llama, "--calib", write_text(tmp_path / "t.txt"), *TINY_COMPRESS, "--out", out,

@@ -8,7 +8,9 @@ import pytest
 import torch
 import yaml
 
-from subspace_cli.io.checkpoint import param_count
+from method_contracts import low_rank_names
+from cli_runner import run_cli as cli, run_module
+from subspace_cli.modules.checkpoint import param_count
 from subspace_cli.modules.loading import load_model
 from subspace_cli.modules.lowrank import LowRankLinear
 from subspace_cli.pipelines.compress import compress_and_write, run_compress
@@ -17,16 +19,11 @@ from subspace_cli.pipelines.compress_config import CompressConfig
 TINY = dict(calib_samples=8, calib_seqlen=32, eval_seqlen=64, eval_chars=2000)
 
 
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "subspace_cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd)
-
-
 def _config(model, out, calib, **kw):
     return CompressConfig(model=str(model), out=str(out), calib=[str(calib)], **{**TINY, **kw})
 
 
-@pytest.mark.parametrize("method", ["svd", "asvd", "svd-llm"])
+@pytest.mark.parametrize("method", low_rank_names())
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_compress_meets_ratio_and_round_trips(tiny_model, text_file, tmp_path, method, allocation):
     out = tmp_path / "out"
@@ -41,7 +38,7 @@ def test_compress_meets_ratio_and_round_trips(tiny_model, text_file, tmp_path, m
     assert param_count(loaded) == p.model_after
     assert {f.name for f in out.iterdir()} >= {"config.json", "model.safetensors", "report.json", "report.md", "recipe.yaml"}
     on_disk = json.loads((out / "report.json").read_text())
-    assert on_disk["schema_version"] == 1 and on_disk["method"] == method
+    assert on_disk["schema_version"] == 2 and on_disk["method"] == method
 
 
 def test_written_checkpoint_matches_in_memory_model(tiny_llama, text_file, tmp_path):
@@ -92,7 +89,8 @@ def test_cli_json_and_recipe_rerun(tiny_llama, text_file, tmp_path):
               "--eval-seqlen", 64, "--eval-chars", 2000, "--method", "asvd", "-O", "alpha=0.25", "--json")
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
-    assert summary["ok"] and summary["method"] == "asvd" and summary["options"]["options"] == {"alpha": 0.25}
+    assert summary["ok"] and summary["method"] == "asvd" and summary["config"]["options"] == {"alpha": 0.25}
+    assert summary["method_options"]["alpha"] == 0.25 and "expert_grams" in summary["method_options"]
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["verb"] == "compress"
     again = tmp_path / "again"
@@ -110,6 +108,14 @@ def _assert_usage_error(res, needle):
 def test_error_missing_model(tmp_path, text_file):
     res = cli("compress", tmp_path / "nope", "--out", tmp_path / "o", "--calib", text_file)
     _assert_usage_error(res, "does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_python_m_entry_point_exits_2_with_one_error_line(tmp_path):
+    # The other CLI tests run the app in-process; this runs a real `python -m subspace_cli` (a parse
+    # error: no torch import, so it stays under a second).
+    res = run_module("compress", tmp_path / "nope", "--out", tmp_path / "o", "--no-such-flag")
+    _assert_usage_error(res, "--no-such-flag")
     assert not (tmp_path / "o").exists()
 
 
@@ -180,7 +186,7 @@ def test_every_config_field_is_a_cli_flag():
 
 
 def test_self_calibration_mixes_and_is_seeded(tiny_llama, text_file, tmp_path):
-    from subspace_cli.io.models import load_model_and_tokenizer
+    from subspace_cli.modules.loading import load_model_and_tokenizer
     from subspace_cli.pipelines.datasets import calibration_ids
 
     loaded = load_model_and_tokenizer(str(tiny_llama))

@@ -44,6 +44,7 @@ def _run(prefix: list[str], args: list) -> subprocess.CompletedProcess:
     ("svd-llm", 7, "accelerate"),  # uneven shares: 4 + 3 samples
     ("asvd", 1, "torchrun"),  # the second process has no sample at all: it contributes zeros
 ])
+@pytest.mark.slow
 def test_two_processes_match_one(tiny_llama, text_file, tmp_path, method, samples, launcher):
     args = ["compress", tiny_llama, "--method", method, "--calib", text_file, "--calib-samples", samples,
             "--calib-seqlen", 32, "--eval-seqlen", 64, "--eval-chars", 2000, "--batch-size", 2, "--json", "--quiet"]
@@ -118,6 +119,7 @@ def test_cuda_means_each_process_its_own_gpu(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="with two GPUs, --device cuda is a valid two-process run")
+@pytest.mark.slow
 def test_two_processes_without_two_gpus_exit_2(tiny_llama, text_file, tmp_path):
     """`--device cuda` gives each process its own GPU: with fewer GPUs than processes nothing runs."""
     out = tmp_path / "out"

@@ -2,15 +2,14 @@
 only when --targets names them; a tied pair is factored once and stays tied."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from subspace_cli.io.checkpoint import param_count
+from cli_runner import run_cli as _cli
+from subspace_cli.modules.checkpoint import param_count
 from subspace_cli.linalg.tall_svd import tall_decompose, tall_factors, tall_relative_error
 from subspace_cli.linalg.truncation import Transform, decompose, factors, weighted_relative_error
 from subspace_cli.modules.loading import load_model
@@ -113,10 +112,6 @@ def test_dense_format_restores_the_tie(tiny_llama, text_file, tmp_path):
     assert dense.lm_head.weight is dense.model.embed_tokens.weight
     with torch.no_grad():
         assert torch.allclose(dense(PROBE).logits, load_model(tmp_path / "factored")(PROBE).logits, atol=1e-5)
-
-
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "subspace_cli", *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from subspace_cli.io.discovery import find_blocks, find_experts
+from subspace_cli.walk import find_blocks, find_experts
 from subspace_cli.linalg.gram import GramStats
 from subspace_cli.modules.loading import load_model
 from subspace_cli.modules.lowrank import LowRankExperts, LowRankLinear

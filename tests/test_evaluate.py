@@ -18,7 +18,7 @@ from subspace_cli.evaluate.perplexity import is_causal_lm, perplexity
 
 
 def _load(path):
-    from subspace_cli.io.models import load_model_and_tokenizer
+    from subspace_cli.modules.loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(str(path), with_tokenizer=False).model
 

@@ -4,7 +4,6 @@ every step's exit code, wall time and report (run here with a stand-in interpret
 import os
 import shlex
 import subprocess
-from pathlib import Path
 
 import pytest
 

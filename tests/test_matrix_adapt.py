@@ -16,19 +16,20 @@ import pytest
 import torch
 from matrix_helpers import DENSE, SEQLEN, arch_dir, logits, one_thread, texts  # noqa: F401 - one_thread is a fixture
 
-from subspace_cli.io.discovery import block_linears, find_blocks
-from subspace_cli.io.models import load_model_and_tokenizer
+from method_contracts import method_names
+from subspace_cli.walk import block_linears, find_blocks
+from subspace_cli.modules.loading import load_model_and_tokenizer
 from subspace_cli.io.training_data import load_training_data
 from subspace_cli.methods.adapt.base import AdaptContext
-from subspace_cli.methods.registry import methods_for
+from subspace_cli.methods.catalog import methods_for
 from subspace_cli.pipelines.adapt import run_adapt, select_layers
 from subspace_cli.pipelines.adapt_config import AdaptConfig
 from subspace_cli.pipelines.adapter_export import attach_exported
 from subspace_cli.pipelines.trainer import TrainSettings, train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # every family: the slow tier
 
-ADAPT_METHODS = sorted(methods_for("adapt"))
+ADAPT_METHODS = method_names("adapt")
 # Small-model settings per method: corda's covariance from few rows, complementary keeps 2 triplets.
 OPTIONS = {"corda": {"samples": 4}, "complementary": {"preserve": 2}}
 TOLERANCE = 1e-4  # max |Δlogit| of the reloaded adapter; measured ≤ 4e-7 on every (architecture, method)
@@ -75,7 +76,7 @@ def test_every_adapter_reloads_in_peft(prepared, tmp_path, name, method):
         for row in range(4):
             m(input_ids=data.train.input_ids[row:row + 1])
 
-    adapted = registered.build(model, layers, config.rank, config.scaling_alpha, registered.make_config(config.options),
+    adapted = registered.attach(model, layers, config.rank, config.scaling_alpha, registered.make_config(config.options),
                                AdaptContext(torch.Generator().manual_seed(0), run_calibration))
     ids = data.eval.input_ids[:2]
     before = logits(adapted.model, ids)

@@ -32,8 +32,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from subspace_cli.errors import UsageError
-from subspace_cli.io.checkpoint import param_count
-from subspace_cli.io.discovery import block_linears, find_blocks
+from subspace_cli.modules.checkpoint import param_count
+from subspace_cli.walk import block_linears, find_blocks
 from subspace_cli.modules.loading import load_model
 from subspace_cli.modules.lowrank import LowRankLinear
 from subspace_cli.pipelines.compress import compress_and_write
@@ -44,7 +44,7 @@ METHODS = ["svd-llm", "cospadi"]
 CASES = [(name, method) for name in DENSE for method in METHODS]
 RATIO = 0.2
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # every family: the slow tier
 
 
 def _invoke(*args):

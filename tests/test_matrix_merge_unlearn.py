@@ -28,8 +28,8 @@ from matrix_helpers import (  # noqa: F401 - one_thread is a fixture
     texts,
 )
 
-from subspace_cli.io.discovery import find_blocks
-from subspace_cli.methods.registry import methods_for
+from method_contracts import method_names
+from subspace_cli.walk import find_blocks
 from subspace_cli.modules.loading import load_model
 from subspace_cli.pipelines.merge import run_merge
 from subspace_cli.pipelines.merge_config import MergeConfig
@@ -37,7 +37,7 @@ from subspace_cli.pipelines.merge_yaml import read_merge_file
 from subspace_cli.pipelines.unlearn import run_unlearn
 from subspace_cli.pipelines.unlearn_config import UnlearnConfig
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # every family: the slow tier
 
 # ----------------------------------------------------------------------------- merge
 
@@ -46,7 +46,7 @@ MERGEKIT_CASES = {
     "task_arithmetic": {"parameters": {"lambda": 0.8}, "weights": [(0.7, None), (0.4, None)], "base": True},
     "ties": {"parameters": {"normalize": True, "lambda": 0.9}, "weights": [(0.7, 0.5), (0.4, 0.3)], "base": True},
 }
-MERGE_METHODS = sorted(methods_for("merge"))
+MERGE_METHODS = method_names("merge")
 SPARSIFYING = {"ties", "dare-linear", "dare-ties"}  # take --density
 
 

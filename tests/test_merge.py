@@ -2,8 +2,6 @@
 same tensors, LoRA inputs equal their merged models, output shards load, bad input exits 2."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,11 +9,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from cli_runner import run_cli as cli
 from tiny_models import make_char_tokenizer, make_lora_adapter, make_tiny_llama
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "subspace_cli", *map(str, args)], capture_output=True, text=True)
 
 
 def _perturbed(base: Path, out: Path, seed: int, scale: float = 0.05, vocab: int | None = None) -> Path:

@@ -9,9 +9,10 @@ import transformers
 import subspace_cli.methods.merge.concrete  # noqa: F401  (registers "concrete")
 from subspace_cli.errors import UsageError
 from subspace_cli.methods.merge.concrete import (
-    ConcreteConfig, fit_concrete_mask, merge_with_mask, select_targets,
+    ConcreteConfig, fit_concrete_mask, merge_with_mask, prepare_concrete, select_targets,
 )
-from subspace_cli.methods.registry import get_method
+from subspace_cli.methods.catalog import get_method
+from subspace_cli.methods.merge.base import ModelMerge
 
 TASKS = 2
 
@@ -155,7 +156,7 @@ def test_input_errors():
 
 def test_options_through_the_registry():
     method = get_method("merge", "concrete")
-    assert method.config_class is ConcreteConfig and method.build is fit_concrete_mask
+    assert method.config_class is ConcreteConfig and method.prepare is prepare_concrete and isinstance(method, ModelMerge)
     config = method.make_config({"lambda": 0.7, "steps": 5})
     assert config.lambda_ == 0.7 and config.steps == 5
     assert method.make_config({"lambda_": 0.2}).lambda_ == 0.2

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,15 +13,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from cli_runner import run_cli as cli
 from subspace_cli.errors import UsageError
 from tiny_models import make_lora_adapter, make_tiny_llama, perturbed_copy, write_text
 
 UP = "model.layers.0.mlp.up_proj.weight"
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "subspace_cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd)
 
 
 def run(**values):

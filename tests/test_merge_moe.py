@@ -16,7 +16,7 @@ from subspace_cli.errors import UsageError
 from subspace_cli.io.lazy_checkpoint import LazyCheckpoint
 from subspace_cli.io.lora_checkpoint import LoraCheckpoint
 from subspace_cli.methods.merge.base import TensorInputs
-from subspace_cli.methods.registry import methods_for
+from subspace_cli.methods.catalog import methods_for
 from subspace_cli.modules.loading import load_model
 from subspace_cli.pipelines.merge import run_merge
 from subspace_cli.pipelines.merge_config import MergeConfig
@@ -153,7 +153,7 @@ def _inputs(name, base, models):
 def test_svd_merges_take_each_expert_slice_as_a_matrix(method):
     """A stack [E, out, in] merges as E separate matrices: slice e of the result is the method on slice e
     (bitwise), and differs from what the stack would give as a non-matrix (the mean task vector)."""
-    build = methods_for("merge")[method].build
+    build = methods_for("merge")[method].merge
     config = methods_for("merge")[method].make_config({})
     g = torch.Generator().manual_seed(0)
     base = torch.randn(4, 12, 8, generator=g)

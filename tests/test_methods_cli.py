@@ -2,16 +2,13 @@
 option with its default and meaning; an unknown name exits 2."""
 
 import json
-import os
-import subprocess
-import sys
 
-from subspace_cli.methods.registry import methods_for
+from cli_runner import run_cli
+from subspace_cli.methods.catalog import methods_for
 
 
 def cli(*args):
-    env = {**os.environ, "COLUMNS": "160"}
-    return subprocess.run([sys.executable, "-m", "subspace_cli", *args], capture_output=True, text=True, env=env)
+    return run_cli(*args, env={"COLUMNS": "160"})  # wide enough that an option and its meaning share a row
 
 
 def test_catalogue_lists_every_method_with_paper_and_needs():

@@ -5,7 +5,8 @@ import shutil
 import pytest
 
 from subspace_cli.errors import UsageError
-from subspace_cli.io.models import load_model_and_tokenizer, resolve_model_path
+from subspace_cli.io.models import resolve_model_path
+from subspace_cli.modules.loading import load_model_and_tokenizer
 
 
 def _fake_hub_cache(root, repo_id, source):

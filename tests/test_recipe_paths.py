@@ -6,23 +6,17 @@ re-run from another."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from cli_runner import run_cli as cli
 from subspace_cli.pipelines.compress_config import CompressConfig
 from subspace_cli.pipelines.merge_config import MergeConfig
 from tiny_models import write_text
 
 TINY_COMPRESS = ["--calib-samples", 4, "--calib-seqlen", 32, "--eval-seqlen", 64, "--eval-chars", 2000]
-
-
-def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "subspace_cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd)
 
 
 @pytest.fixture()
@@ -108,7 +102,8 @@ def test_adapter_names_its_base_absolutely_and_loads_from_another_directory(here
 def test_pipeline_yaml_holds_absolute_paths_even_for_outputs_not_made_yet(here, monkeypatch):
     """pipeline.yaml is written after each step, when later steps' inputs (`c2`, which reads like a
     hub id) do not exist yet: they are still local, being an earlier step's output."""
-    from subspace_cli.pipelines.recipes import load_recipe, run_recipe
+    from subspace_cli.pipelines.pipeline_run import run_recipe
+    from subspace_cli.pipelines.recipes import load_recipe
 
     # c1 dense: compress refuses an already factored checkpoint.
     compress = {"calib": "calib.txt", "calib_samples": 4, "calib_seqlen": 32, "skip_eval": True, "format": "dense"}

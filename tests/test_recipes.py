@@ -4,13 +4,12 @@ tiny models built on the fly."""
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from cli_runner import run_cli as cli
 from subspace_cli.errors import UsageError
 from subspace_cli.pipelines.recipes import load_recipe
 from tiny_models import perturbed_copy, write_text
@@ -18,11 +17,6 @@ from tiny_models import perturbed_copy, write_text
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 PIPELINE = RECIPES / "pipeline-smollm2-merge-compress-gate.yaml"
 RETAIN_TEXT = "In the beginning God created the heaven and the earth.\nAnd the earth was without form, and void.\n" * 40
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "subspace_cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd)
 
 
 def error_line(proc) -> str:
@@ -283,10 +277,11 @@ def _tiny_pipeline_sets(tiny_llama, work, kjv, shakespeare) -> list[str]:
             "gate.fail_if=[ppl_ratio>2.0, kl>1.0]"]
 
 
+@pytest.mark.slow
 def test_shipped_pipeline_runs_every_step_with_references(tiny_llama, corpora, tmp_path, monkeypatch):
     """adapt twice -> merge -> compress -> eval gate, on a tiny Llama. Each step's output holds its
     resolved single-step recipe.yaml and the resolved pipeline.yaml, both re-runnable."""
-    from subspace_cli.pipelines.recipes import run_recipe
+    from subspace_cli.pipelines.pipeline_run import run_recipe
 
     monkeypatch.chdir(tmp_path)
     work = tmp_path / "work"
@@ -370,7 +365,7 @@ SHIPPED = {
 
 
 def test_every_shipped_recipe_has_a_tiny_model_run_and_a_clean_dry_run(tmp_path, monkeypatch):
-    from subspace_cli.pipelines.recipes import run_recipe
+    from subspace_cli.pipelines.pipeline_run import run_recipe
 
     assert {p.name for p in RECIPES.glob("*.yaml")} == set(SHIPPED)
     monkeypatch.chdir(tmp_path)  # the recipes' relative outputs must not be checked against the repository
@@ -382,7 +377,7 @@ def test_every_shipped_recipe_has_a_tiny_model_run_and_a_clean_dry_run(tmp_path,
 
 def _run_shipped(name, *sets):
     """In-process (the CLI path is covered above): what `subspace run NAME --set ... --json` prints."""
-    from subspace_cli.pipelines.recipes import run_recipe
+    from subspace_cli.pipelines.pipeline_run import run_recipe
 
     result = run_recipe(RECIPES / name, list(sets))
     return json.loads(json.dumps(result.summary() if hasattr(result, "summary") else result, default=str))

@@ -3,7 +3,6 @@ set as mergekit's argsort, and a fallback exactly where only a sort's tie order 
 
 import pytest
 import torch
-from mergekit.sparsify import magnitude
 
 from subspace_cli.linalg.selection import kth_largest, largest_k_mask
 from subspace_cli.methods.merge.task_arithmetic import magnitude_trim
@@ -39,6 +38,9 @@ def test_mask_is_none_only_when_a_tie_straddles_the_kth_position():
 
 @pytest.mark.parametrize("density", [0.01, 0.3, 0.5, 0.9])
 def test_trim_of_continuous_deltas_is_bitwise_mergekit(density):
+    pytest.importorskip("mergekit")  # a dev extra: only this parity test needs it
+    from mergekit.sparsify import magnitude
+
     # Fine-tuning deltas: continuous values, a block of exact zeros (untrained rows), signed zeros.
     g = torch.Generator().manual_seed(int(density * 100))
     delta = torch.randn(384, 256, generator=g) * 1e-4

@@ -14,7 +14,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from subspace_cli.errors import UsageError
-from subspace_cli.io.lazy_checkpoint import LazyCheckpoint
 from subspace_cli.io.planned_writer import PlannedShardWriter, TensorSpec, plan_shards
 from subspace_cli.io.safetensors_file import SafetensorsFile
 from subspace_cli.io.sharded_writer import ShardedWriter

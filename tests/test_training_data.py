@@ -285,6 +285,7 @@ def test_max_train_and_max_eval_keep_the_first_rows(tmp_path, tok):
 
 
 @pytest.mark.builtin
+@pytest.mark.slow
 def test_builtin_kjv(tok):
     data = load_training_data(["builtin:kjv"], tok, seqlen=128, max_train=16, max_eval=4)
     assert data.format == "text" and data.n_examples > 30_000

@@ -10,20 +10,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_runner import run_cli as cli
+from method_contracts import method_names
 from tiny_models import write_text
 
 FAST = ["--forget-samples", "8", "--retain-samples", "8", "--seqlen", "32", "--eval-seqlen", "32",
         "--eval-chars", "1500", "-O", "steps=3", "-O", "layer=1", "-O", "batch_size=2"]
 SSPU_FAST = ["-O", "sae_steps=50", "-O", "relevant=4", "-O", "irrelevant=4", "-O", "sae_k=4", "-O", "sae_features=64"]
+FAST_OPTIONS = {"sspu": SSPU_FAST}  # per method, beside FAST; methods not named run with FAST alone
 RETAIN_TEXT = (
     "In the beginning God created the heaven and the earth.\n"
     "And the earth was without form, and void; and darkness was upon the face of the deep.\n"
     "And God said, Let there be light: and there was light.\n"
 ) * 40
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "subspace_cli", *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture()
@@ -38,7 +37,7 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("method, extra", [("ga", []), ("grad-diff", []), ("rmu", []), ("sspu", SSPU_FAST)])
+@pytest.mark.parametrize("method, extra", [(m, FAST_OPTIONS.get(m, [])) for m in method_names("unlearn")])
 def test_only_targeted_tensors_change(tiny_llama, texts, tmp_path, method, extra):
     forget, retain = texts
     out = tmp_path / "out"
@@ -65,8 +64,8 @@ def test_only_targeted_tensors_change(tiny_llama, texts, tmp_path, method, extra
 
 def test_sspu_updates_lie_in_the_relevant_span_and_the_control_in_the_irrelevant(tiny_llama, texts):
     from subspace_cli.io import data
-    from subspace_cli.io.models import load_model_and_tokenizer
-    from subspace_cli.methods.registry import get_method
+    from subspace_cli.modules.loading import load_model_and_tokenizer
+    from subspace_cli.methods.catalog import get_method
     from subspace_cli.methods.unlearn.base import UnlearnData
     from subspace_cli.pipelines.unlearn import train_plan
 
@@ -78,7 +77,7 @@ def test_sspu_updates_lie_in_the_relevant_span_and_the_control_in_the_irrelevant
                                  "irrelevant": 4, "sae_k": 4, "sae_features": 64})
     model = loaded.model
     originals = {name: p.detach().clone() for name, p in model.named_parameters()}
-    plan = method.build(model, UnlearnData(rows["forget"], rows["retain"]), config, torch.Generator().manual_seed(0))
+    plan = method.plan(model, UnlearnData(rows["forget"], rows["retain"]), config, torch.Generator().manual_seed(0))
     train_plan(plan, config, UnlearnData(rows["forget"], rows["retain"]), seed=0)
     plan.finish()
     q_rel = plan.diagnostics["relevant_basis"].double()  # [d, r]
@@ -147,6 +146,7 @@ def test_bad_input_exits_2_and_writes_nothing(tiny_llama, texts, tmp_path, case,
     ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
      "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "subspace_cli"],
 ])
+@pytest.mark.slow
 def test_two_processes_take_the_steps_of_one(tiny_llama, texts, tmp_path, launcher):
     # Each process takes every other row of a step's batch and the gradients are averaged (gloo on CPU),
     # so two processes take the steps one process takes, up to float reassociation.

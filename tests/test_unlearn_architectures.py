@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import transformers
 
+from cli_runner import run_cli as _cli
 from tiny_architectures import ARCHITECTURES, DENSE, MOE, make_tiny_arch, tiny_config
 from tiny_models import write_text
 
@@ -39,13 +38,13 @@ def _data():
 
 def _unlearn(model, method: str, options: dict):
     """Build the plan, take its steps, bake it; returns the plan."""
-    from subspace_cli.methods.registry import get_method
+    from subspace_cli.methods.catalog import get_method
     from subspace_cli.pipelines.unlearn import train_plan
 
     registered = get_method("unlearn", method)
     config = registered.make_config(options)
     data = _data()
-    plan = registered.build(model, data, config, torch.Generator().manual_seed(0))
+    plan = registered.plan(model, data, config, torch.Generator().manual_seed(0))
     train_plan(plan, config, data, seed=0)
     plan.finish()
     return plan
@@ -119,7 +118,7 @@ def test_only_the_chosen_tensors_change(name, method):
 
 def _block_output(model, block: int, ids, mlp_factor: float = 1.0) -> torch.Tensor:
     from subspace_cli.methods.unlearn.architecture import _pass
-    from subspace_cli.io.discovery import find_blocks
+    from subspace_cli.walk import find_blocks
 
     layer = find_blocks(model).modules[block]
     return _pass(model, layer, ids, scale_mlp=layer.mlp, factor=mlp_factor)["out"].double()
@@ -192,10 +191,6 @@ def test_sspu_refuses_weights_that_do_not_write_into_the_stream():
 
     with pytest.raises(UsageError, match="gate_up_proj"):
         _unlearn(_model("phi3"), "sspu", {**SSPU_FAST, "modules": r"mlp\.gate_up_proj"})
-
-
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "subspace_cli", *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("name", ["gemma3", "mixtral"])

@@ -7,15 +7,17 @@ from typing import List, Optional
 import typer
 
 from subspace_cli.cli.common import parse_options, run_command
-from subspace_cli.cli.options import config_from_cli, field_argument, field_option
+from subspace_cli.cli.options import (JsonFlag, MethodOptionFlags, QuietFlag, config_from_cli, field_argument,
+                                      field_option)
 from subspace_cli.pipelines.adapt_config import AdaptConfig as C
+from subspace_cli.pipelines.verbs import VERBS
 
 
 def adapt(
     model: str = field_argument(C, "model"),
     out: str = field_option(C, "out", "--out", "-o", default=...),
     method: str = field_option(C, "method"),
-    option: Optional[List[str]] = typer.Option(None, "--option", "-O", help=C.model_fields["options"].description),
+    option: MethodOptionFlags = None,
     data: List[str] = field_option(C, "data"),
     format: str = field_option(C, "format"),
     rank: int = field_option(C, "rank"),
@@ -45,26 +47,18 @@ def adapt(
     dtype: str = field_option(C, "dtype"),
     seed: int = field_option(C, "seed"),
     allow_pickle: bool = field_option(C, "allow_pickle"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON summary on stdout"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or info logs"),
+    json_out: JsonFlag = False,
+    quiet: QuietFlag = False,
 ) -> None:
     """Train adapters on MODEL's block Linears and write a PEFT adapter that loads on the untouched base."""
     values = {k: v for k, v in locals().items() if k in C.model_fields}
     values["options"] = {}
 
     def go():
-        from subspace_cli.pipelines.adapt import run_adapt
-
         values["options"] = parse_options(option)
-        return run_adapt(config_from_cli(C, values))
+        return VERBS["adapt"].run(config_from_cli(C, values))
 
-    run_command(go, as_json=json_out, quiet=quiet, render=_render)
-
-
-def _render(report) -> None:
-    from subspace_cli.report.render import print_report
-
-    print_report(report)
+    run_command(go, as_json=json_out, quiet=quiet, render=VERBS["adapt"].render)
 
 
 def register(app: typer.Typer) -> None:

@@ -73,11 +73,18 @@ def _root(
     """Subspace surgery on Hugging Face checkpoints."""
 
 
-def _register() -> None:
-    from subspace_cli.cli import adapt, compress, evaluate, inspect, merge, methods, run, schema, unlearn
+# Each verb of pipelines/verbs.py has its command in cli/<module>.py; then the tools around them.
+_COMMAND_MODULES = {"eval": "evaluate"}
+_TOOLS = ("run", "schema", "methods")
 
-    for module in (compress, adapt, merge, unlearn, inspect, evaluate, run, schema, methods):
-        module.register(app)
+
+def _register() -> None:
+    import importlib
+
+    from subspace_cli.pipelines.verbs import VERBS
+
+    for name in (*VERBS, *_TOOLS):
+        importlib.import_module(f"subspace_cli.cli.{_COMMAND_MODULES.get(name, name)}").register(app)
 
 
 _register()

@@ -140,16 +140,12 @@ def _traceback_if_debug() -> None:
         traceback.print_exc()
 
 
-def parse_options(pairs: list[str] | None, flag: str = "--option") -> dict[str, Any]:
-    """`-o key=value` pairs into a dict; values parsed as YAML scalars (numbers, bools)."""
-    import yaml
-
-    from subspace_cli.errors import UsageError
+def parse_options(pairs: list[str] | None, flag: str = "-O") -> dict[str, Any]:
+    """`-O key=value` pairs into a dict (values read as strict YAML: numbers, bools, lists)."""
+    from subspace_cli.io.yaml_files import parse_key_value
 
     options: dict[str, Any] = {}
     for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"{flag} '{pair}' is not KEY=VALUE")
-        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        key, value = parse_key_value(pair, flag, "KEY=VALUE, e.g. -O rank=8 (see `subspace methods NAME`)")
+        options[key.replace("-", "_")] = value
     return options

@@ -7,15 +7,17 @@ from typing import List, Optional
 import typer
 
 from subspace_cli.cli.common import parse_options, run_command
-from subspace_cli.cli.options import config_from_cli, field_argument, field_option
+from subspace_cli.cli.options import (JsonFlag, MethodOptionFlags, QuietFlag, config_from_cli, field_argument,
+                                      field_option)
 from subspace_cli.pipelines.compress_config import CompressConfig as C
+from subspace_cli.pipelines.verbs import VERBS
 
 
 def compress(
     model: str = field_argument(C, "model"),
     out: str = field_option(C, "out", "--out", "-o", default=...),
     method: str = field_option(C, "method"),
-    option: Optional[List[str]] = typer.Option(None, "--option", "-O", help=C.model_fields["options"].description),
+    option: MethodOptionFlags = None,
     ratio: float = field_option(C, "ratio"),
     allocation: str = field_option(C, "allocation"),
     normalise: str = field_option(C, "normalise"),
@@ -41,8 +43,8 @@ def compress(
     dtype: str = field_option(C, "dtype"),
     seed: int = field_option(C, "seed"),
     allow_pickle: bool = field_option(C, "allow_pickle"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON summary on stdout"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or info logs"),
+    json_out: JsonFlag = False,
+    quiet: QuietFlag = False,
 ) -> None:
     """Factor the Linear layers of MODEL's repeated blocks (low-rank pairs or sparse dictionaries) and write a checkpoint."""
     values = {k: v for k, v in locals().items() if k in C.model_fields}
@@ -50,21 +52,9 @@ def compress(
 
     def go():
         values["options"] = parse_options(option)
-        return execute_compress(config_from_cli(C, values))
+        return VERBS["compress"].run(config_from_cli(C, values))
 
-    run_command(go, as_json=json_out, quiet=quiet, render=_render)
-
-
-def execute_compress(config: C):
-    from subspace_cli.pipelines.compress import run_compress
-
-    return run_compress(config)
-
-
-def _render(report) -> None:
-    from subspace_cli.report.render import print_report
-
-    print_report(report)
+    run_command(go, as_json=json_out, quiet=quiet, render=VERBS["compress"].render)
 
 
 def register(app: typer.Typer) -> None:

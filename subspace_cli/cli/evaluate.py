@@ -7,8 +7,10 @@ from typing import List, Optional
 import typer
 
 from subspace_cli.cli.common import run_command
-from subspace_cli.cli.options import config_from_cli, field_argument, field_option
+from subspace_cli.cli.options import JsonFlag, QuietFlag, config_from_cli, field_argument, field_option
 from subspace_cli.pipelines.evaluate import EvalConfig as C
+from subspace_cli.pipelines.verbs import VERBS
+from subspace_cli.report.render import print_eval
 
 
 def evaluate(
@@ -24,8 +26,8 @@ def evaluate(
     devices: Optional[str] = field_option(C, "devices"),
     dtype: str = field_option(C, "dtype"),
     allow_pickle: bool = field_option(C, "allow_pickle"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON summary on stdout (also when a gate fails)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or info logs"),
+    json_out: JsonFlag = False,
+    quiet: QuietFlag = False,
 ) -> None:
     """Score MODEL's perplexity on held-out text; with --baseline also ppl_ratio and per-token KL."""
     values = {k: v for k, v in locals().items() if k in C.model_fields}
@@ -33,36 +35,15 @@ def evaluate(
 
     def go():
         from subspace_cli.errors import GateFailed
-        from subspace_cli.pipelines.evaluate import run_eval
 
         try:
-            return run_eval(config_from_cli(C, values))
+            return VERBS["eval"].run(config_from_cli(C, values))
         except GateFailed as exc:
             if not json_out and getattr(exc, "summary", None):
-                render(exc.summary)  # people see the numbers as well as the failed gates
+                print_eval(exc.summary)  # people see the numbers as well as the failed gates
             raise
 
-    run_command(go, as_json=json_out, quiet=quiet, render=render)
-
-
-def render(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{result['model']} on {result['data']} ({result['split']})", title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key in ("ppl", "nll", "baseline_ppl", "ppl_ratio", "kl", "embedding_similarity", "n_tokens", "n_windows"):
-        if key in result:
-            value = result[key]
-            table.add_row(key, f"{value:,}" if isinstance(value, int) else f"{value:.6g}")
-    console = Console()
-    console.print(table)
-    if result.get("note"):
-        console.print(result["note"])
-    for gate in result.get("gates", []):
-        status = "[red]FAIL[/red]" if gate["failed"] else "[green]pass[/green]"
-        console.print(f"{status}  fail-if {gate['condition']}  ({gate['field']} = {gate['value']:.6g})")
+    run_command(go, as_json=json_out, quiet=quiet, render=VERBS["eval"].render)
 
 
 def register(app: typer.Typer) -> None:

@@ -7,8 +7,9 @@ from typing import List, Optional
 import typer
 
 from subspace_cli.cli.common import parse_options, run_command
-from subspace_cli.cli.options import config_from_cli, field_option
+from subspace_cli.cli.options import JsonFlag, MethodOptionFlags, QuietFlag, config_from_cli, field_option
 from subspace_cli.pipelines.merge_config import MergeConfig as C
+from subspace_cli.pipelines.verbs import VERBS
 
 
 def merge(
@@ -18,7 +19,7 @@ def merge(
     base: Optional[str] = field_option(C, "base"),
     force_base: bool = field_option(C, "force_base"),
     method: str = field_option(C, "method"),
-    option: Optional[List[str]] = typer.Option(None, "--option", "-O", help=C.model_fields["options"].description),
+    option: MethodOptionFlags = None,
     weights: Optional[str] = typer.Option(None, "--weights", help=C.model_fields["weights"].description + ", comma-separated"),
     density: Optional[str] = typer.Option(None, "--density", help=C.model_fields["density"].description + ", comma-separated"),
     data: Optional[List[str]] = typer.Option(None, "--data", help=C.model_fields["data"].description),
@@ -34,8 +35,8 @@ def merge(
     device: str = field_option(C, "device"),
     seed: int = field_option(C, "seed"),
     allow_pickle: bool = field_option(C, "allow_pickle"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON summary on stdout"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or info logs"),
+    json_out: JsonFlag = False,
+    quiet: QuietFlag = False,
 ) -> None:
     """Merge fine-tuned models (or LoRA adapters) of one base into one checkpoint, one tensor at a time."""
     given = {k: v for k, v in locals().items() if k in C.model_fields}
@@ -43,7 +44,6 @@ def merge(
     def go():
         from pathlib import Path
 
-        from subspace_cli.pipelines.merge import run_merge
         from subspace_cli.pipelines.merge_yaml import read_merge_file
 
         values = dict(given)
@@ -63,15 +63,9 @@ def merge(
                 if value is not None and value != default or key not in from_file:
                     from_file[key] = value
             values = from_file
-        return run_merge(config_from_cli(C, values))
+        return VERBS["merge"].run(config_from_cli(C, values))
 
-    run_command(go, as_json=json_out, quiet=quiet, render=_render)
-
-
-def _render(report) -> None:
-    from subspace_cli.report.render import print_report
-
-    print_report(report)
+    run_command(go, as_json=json_out, quiet=quiet, render=VERBS["merge"].render)
 
 
 def register(app: typer.Typer) -> None:

@@ -7,19 +7,21 @@ from typing import Optional
 import typer
 
 from subspace_cli.cli.common import run_command
+from subspace_cli.cli.options import JsonFlag
 
 
 def methods(
     name: Optional[str] = typer.Argument(None, help="show one method's options"),
-    json_out: bool = typer.Option(False, "--json", help="print JSON on stdout"),
+    json_out: JsonFlag = False,
 ) -> None:
     """List the methods of every verb, or one method's options with defaults."""
 
     def go():
-        from subspace_cli.methods.registry import methods_for
+        from subspace_cli.methods.catalog import methods_for
+        from subspace_cli.methods.registry import VERBS_WITH_METHODS
 
         catalogue = []
-        for verb in ("compress", "adapt", "merge", "unlearn"):
+        for verb in VERBS_WITH_METHODS:
             for m in methods_for(verb).values():
                 if name and m.name != name:
                     continue
@@ -28,9 +30,7 @@ def methods(
                     for k, f in m.config_class.model_fields.items()
                 }
                 entry = {"verb": verb, "name": m.name, "summary": m.summary, "paper": m.paper,
-                         "needs": list(m.needs), "options": options}
-                if m.default_lr is not None:
-                    entry["default_lr"] = m.default_lr
+                         "needs": sorted(need.value for need in m.needs), "options": options, **m.describe()}
                 catalogue.append(entry)
         if name and not catalogue:
             from subspace_cli.errors import UsageError

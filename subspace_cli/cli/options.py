@@ -1,12 +1,20 @@
-"""Typer options whose default and help come from a pydantic config field (declared once)."""
+"""Typer options whose default and help come from a pydantic config field (declared once), and the
+flags every verb shares, as `Annotated` aliases."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Optional
 
 import typer
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
+
+# The common flags: `json_out: JsonFlag = False`, `quiet: QuietFlag = False`, `option: MethodOptionFlags = None`.
+# (Optional[list[str]]: typer reads these annotations at run time.)
+JsonFlag = Annotated[bool, typer.Option("--json", help="print one JSON summary on stdout (also when a command fails)")]
+QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or info logs")]
+MethodOptionFlags = Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+    "--option", "-O", help="method options as KEY=VALUE, repeatable (see `subspace methods NAME`)")]
 
 
 def field_option(model: type[BaseModel], name: str, *flags: str, default: Any = PydanticUndefined, **kwargs) -> Any:

@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from subspace_cli.cli.common import run_command
+from subspace_cli.cli.options import JsonFlag, QuietFlag
 
 
 def run(
@@ -17,14 +18,14 @@ def run(
         None, "--set", help="single-step recipe: a config field, KEY=VALUE (e.g. out=new-dir); pipeline: a var, "
         "NAME=VALUE, or one step's field, STEP.FIELD=VALUE; repeatable"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate every step and print the resolved plan; load no weights"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON summary on stdout (also when a gate fails)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or info logs"),
+    json_out: JsonFlag = False,
+    quiet: QuietFlag = False,
 ) -> None:
     """Run a recipe: one `verb` with its `config`, or a pipeline of `steps` run in order (exit 1 if a gate fails)."""
 
     def go():
         from subspace_cli.errors import SubspaceError
-        from subspace_cli.pipelines.recipes import run_recipe
+        from subspace_cli.pipelines.pipeline_run import run_recipe
 
         try:
             return run_recipe(recipe, set_ or [], dry_run=dry_run)
@@ -37,22 +38,9 @@ def run(
 
 
 def _render_step(verb: str, result) -> None:
-    if hasattr(result, "summary"):
-        from subspace_cli.report.render import print_report
+    from subspace_cli.pipelines.verbs import VERBS
 
-        print_report(result)
-    elif verb == "eval":
-        from subspace_cli.cli.evaluate import render
-
-        render(result)
-    elif verb == "inspect":
-        from subspace_cli.cli.inspect import render
-
-        render(result)
-    else:
-        import yaml
-
-        typer.echo(yaml.safe_dump(result, sort_keys=False))
+    VERBS[verb].render(result)
 
 
 def _heading(index: int, total: int, name: str, verb: str) -> None:
@@ -70,7 +58,7 @@ def _render(result) -> None:
         if result.pipeline_recipe:
             typer.echo(f"resolved pipeline: {result.pipeline_recipe}")
     elif hasattr(result, "summary"):
-        _render_step("", result)
+        _render_step(result.verb, result)
     else:  # a dry-run plan, or a single eval / inspect step's dict
         import yaml
 

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
 from subspace_cli.cli.common import parse_options, run_command
-from subspace_cli.cli.options import config_from_cli, field_argument, field_option
+from subspace_cli.cli.options import (JsonFlag, MethodOptionFlags, QuietFlag, config_from_cli, field_argument,
+                                      field_option)
 from subspace_cli.pipelines.unlearn_config import UnlearnConfig as C
+from subspace_cli.pipelines.verbs import VERBS
 
 
 def unlearn(
     model: str = field_argument(C, "model"),
     out: str = field_option(C, "out", "--out", "-o", default=...),
     method: str = field_option(C, "method"),
-    option: Optional[List[str]] = typer.Option(None, "--option", "-O", help=C.model_fields["options"].description),
+    option: MethodOptionFlags = None,
     forget: str = field_option(C, "forget", default=...),
     retain: str = field_option(C, "retain", default=...),
     eval_forget: Optional[str] = field_option(C, "eval_forget"),
@@ -32,25 +34,17 @@ def unlearn(
     dtype: str = field_option(C, "dtype"),
     seed: int = field_option(C, "seed"),
     allow_pickle: bool = field_option(C, "allow_pickle"),
-    json_out: bool = typer.Option(False, "--json", help="print one JSON summary on stdout"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or info logs"),
+    json_out: JsonFlag = False,
+    quiet: QuietFlag = False,
 ) -> None:
     """Remove what MODEL knows of the forget data while keeping its behaviour on the retain data."""
     values = {k: v for k, v in locals().items() if k in C.model_fields}
 
     def go():
-        from subspace_cli.pipelines.unlearn import run_unlearn
-
         values["options"] = parse_options(option)
-        return run_unlearn(config_from_cli(C, values))
+        return VERBS["unlearn"].run(config_from_cli(C, values))
 
-    run_command(go, as_json=json_out, quiet=quiet, render=_render)
-
-
-def _render(report) -> None:
-    from subspace_cli.report.render import print_report
-
-    print_report(report)
+    run_command(go, as_json=json_out, quiet=quiet, render=VERBS["unlearn"].render)
 
 
 def register(app: typer.Typer) -> None:

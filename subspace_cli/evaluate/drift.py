@@ -15,15 +15,8 @@ import torch.nn.functional as F
 
 from subspace_cli.errors import UsageError
 from subspace_cli.evaluate.chunked_logits import positions_per_chunk, vocab_size
-from subspace_cli.evaluate.perplexity import (
-    Progress,
-    chunk_nll,
-    is_causal_lm,
-    iter_batches,
-    model_device,
-    safe_exp,
-    scored_chunks,
-)
+from subspace_cli.evaluate.perplexity import (Progress, chunk_nll, is_causal_lm, iter_batches, model_device, safe_exp,
+                                              scored_chunks)
 
 
 def kl_sum(base_logits: torch.Tensor, logits: torch.Tensor) -> float:

@@ -10,7 +10,7 @@ log-probabilities in float32, sums in float64.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -113,32 +113,27 @@ def safe_exp(x: float) -> float:
 @torch.inference_mode()
 def perplexity(
     model, windows: torch.Tensor, *, batch_size: int = 8, device=None, progress: Progress | None = None,
-    chunk: int | None = None,
+    chunk: int | None = None, processes=None,
 ) -> dict:
-    """{"ppl", "nll", "n_tokens"}: exp of the mean next-token NLL over all windows; `chunk`
-    positions' logits at a time (default: from the logits budget)."""
+    """{"ppl", "nll", "n_tokens"}: exp of the mean next-token NLL over all windows [n, L]; `chunk`
+    positions' logits at a time (default: from the logits budget). The one perplexity of every verb.
+
+    `processes` (pipelines/distributed.py Processes, or anything with `share(rows)` and `sum_(t)`):
+    each process scores its share of the windows and the NLL sum and token count are summed over
+    the processes, so the result is the single-process perplexity (to float reassociation).
+    """
     device = device or model_device(model)
+    shared = processes is not None and processes.distributed
     total, count = 0.0, 0
-    for ids in iter_batches(windows, batch_size, device):
+    for ids in iter_batches(processes.share(windows) if shared else windows, batch_size, device):
         s, n = batch_nll(model, ids, chunk)
         total, count = total + s, count + n
         if progress:
             progress(ids.shape[0])
+    if shared:
+        sums = processes.sum_(torch.tensor([total, float(count)], dtype=torch.float64))  # [Σ nll, Σ tokens]
+        total, count = float(sums[0]), int(sums[1])
     if count == 0:
         raise ValueError("no tokens to score: windows must be at least 2 tokens long")
     nll = total / count
     return {"ppl": safe_exp(nll), "nll": nll, "n_tokens": count}
-
-
-def mean_token_kl(model, baseline, windows, **kwargs) -> float:
-    """See `subspace_cli.evaluate.drift.mean_token_kl` (KL(baseline ‖ model) per token)."""
-    from subspace_cli.evaluate.drift import mean_token_kl as _kl
-
-    return _kl(model, baseline, windows, **kwargs)
-
-
-def embedding_similarity(model, baseline, windows, **kwargs) -> float:
-    """See `subspace_cli.evaluate.drift.embedding_similarity`."""
-    from subspace_cli.evaluate.drift import embedding_similarity as _sim
-
-    return _sim(model, baseline, windows, **kwargs)

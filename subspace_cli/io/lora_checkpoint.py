@@ -207,7 +207,7 @@ class LoraCheckpoint:
         keys = sorted(self._handle.keys())
         lora: dict[str, dict[str, str]] = {}  # module path -> {"A": key, "B": key, "bias": key, "emb_A": ...}
         for key in keys:
-            path = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+            path = key.removeprefix(PEFT_PREFIX)
             parts = path.split(".")
             if "lora_magnitude_vector" in parts:
                 raise UsageError(f"adapter '{self.adapter_dir}' holds DoRA magnitudes ('{key}'): use_dora is not "

@@ -1,7 +1,7 @@
 """Model references: a local directory, a hub id already in the local cache, or builtin:NAME.
 
 `resolve_model_path` turns a reference into a local directory without loading anything;
-`load_model_and_tokenizer` loads it (safetensors only unless pickle is allowed).
+`load_tokenizer` reads its tokenizer; modules/loading.py `load_model_and_tokenizer` loads the model.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from subspace_cli.errors import UsageError
@@ -18,14 +17,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-@dataclass
-class LoadedModel:
-    model: object  # transformers PreTrainedModel
-    tokenizer: object | None
-    path: Path
-    ref: str
 
 
 def resolve_model_path(ref: str) -> Path:
@@ -75,22 +66,6 @@ def torch_dtype(name: str | None):
     if name not in DTYPES:
         raise UsageError(f"--dtype '{name}' is not supported; valid: {', '.join(DTYPES)}")
     return getattr(torch, name)
-
-
-def load_model_and_tokenizer(
-    ref: str, *, device: str = "cpu", dtype: str | None = "float32", allow_pickle: bool = False,
-    with_tokenizer: bool = True,
-) -> LoadedModel:
-    """Load any supported reference (safetensors only unless `allow_pickle`)."""
-    from subspace_cli.modules.loading import load_model
-
-    path = resolve_model_path(ref)
-    # One loader for factored and plain checkpoints: it refuses pickle unless allowed and names
-    # corrupt or mismatched weight files; factored layers load without remote code.
-    model = load_model(path, device=device, dtype=torch_dtype(dtype), allow_pickle=allow_pickle)
-    model.eval()
-    tokenizer = load_tokenizer(path) if with_tokenizer else None
-    return LoadedModel(model=model, tokenizer=tokenizer, path=path, ref=ref)
 
 
 # A directory holds a tokenizer's vocabulary in one of these (spiece.model: T5-style sentencepiece).

@@ -34,15 +34,8 @@ from typing import Literal
 import torch
 
 from subspace_cli.errors import UsageError
-from subspace_cli.io.data import (
-    HOLDOUT_FRACTION,
-    load_source,
-    special_tokens,
-    split_holdout,
-    split_specs,
-    text_length,
-    tokenize_text,
-)
+from subspace_cli.io.data import (HOLDOUT_FRACTION, load_source, special_tokens, split_holdout, split_specs,
+                                  text_length, tokenize_text)
 
 logger = logging.getLogger(__name__)
 

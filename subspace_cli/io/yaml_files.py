@@ -49,6 +49,21 @@ def load_strict(text: str) -> Any:
     return yaml.load(text, Loader=StrictLoader)
 
 
+def parse_key_value(pair: str, flag: str, what: str) -> tuple[str, Any]:
+    """`FLAG KEY=VALUE` (`-O rank=8`, `--set out=DIR`) into (KEY, VALUE read as strict YAML: numbers,
+    bools, flow lists). Exit 2 naming the flag for a pair without `=` or a value that is not YAML;
+    `what` says what to write instead."""
+    key, sep, raw = pair.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UsageError(f"{flag} '{pair}' is not KEY=VALUE; write {what}")
+    try:
+        return key, load_strict(raw)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{flag} '{pair}': value is not valid YAML: {yaml_problem(exc)}; write a YAML "
+                         f"scalar or flow list, e.g. {flag} {key}=[1,2]") from exc
+
+
 def read_yaml_mapping(path: Path, what: str, forms: str) -> dict:
     """The mapping a YAML file holds; exit 2 naming `what` ("recipe", "merge config") for a missing,
     unreadable, non-UTF-8, binary, empty, malformed or non-mapping file. `forms` says what to write."""

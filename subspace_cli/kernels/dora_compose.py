@@ -12,17 +12,22 @@ base = W·dropout(x). Eager torch runs this as five [N, out] kernels (sub, mul, 
 `dora_compose_triton` reads each input once and writes y once. The output has `result`'s dtype,
 as PEFT casts back to it; the arithmetic is fp32 (fp64 for fp64 inputs).
 
-`dora_compose` is the entry point with autograd: the Triton forward on CUDA when triton
-imports, else the reference; the backward is torch (elementwise plus one column sum for g).
+`subspace::dora_compose(Tensor result, Tensor lora, Tensor g, float scaling, Tensor? bias,
+Tensor? base) -> Tensor` is the op: a `torch.library.triton_op` when triton imports (a plain
+`custom_op` otherwise), with a fake kernel for torch.compile and a torch backward (elementwise
+plus one column sum for g). `dora_compose` calls it; the dispatch rule is in `triton_support`:
+the autotuned Triton forward on CUDA, else the reference.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
+from torch.library import wrap_triton
 
-from subspace_cli.kernels.triton_support import cdiv, interpreting, triton_available
+from subspace_cli.kernels.triton_support import (autotune_configs, cdiv, define_op, interpreting, n_bucket,
+                                                 triton_available, use_triton)
+
+OP_NAME = "subspace::dora_compose"
 
 
 def _acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -60,17 +65,25 @@ def dora_compose_reference(result: torch.Tensor, lora: torch.Tensor, g: torch.Te
     return y.to(result.dtype)
 
 
-@functools.cache
-def _triton_kernel():
-    """Define the Triton kernel on first use (TRITON_INTERPRET is read when it is defined)."""
+# (BLOCK_N, BLOCK_O, num_warps): ~4096 elements a program, wide or square, and a small tile for
+# a few rows; the first is the interpreter's.
+_TILES = [(32, 128, 4), (16, 256, 4), (64, 64, 4), (8, 128, 2)]
+
+
+def _define_kernel():
+    """The autotuned Triton kernel (TRITON_INTERPRET is read here, at import)."""
     import triton
     import triton.language as tl
 
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_O": bo}, num_warps=w) for bn, bo, w in _TILES]
+
+    @triton.autotune(configs=autotune_configs(configs), key=["N_BUCKET", "OUT"])
     @triton.jit
-    def dora_compose_kernel(res_ptr, lora_ptr, g_ptr, bias_ptr, base_ptr, y_ptr, N, OUT, scaling,
+    def dora_compose_kernel(res_ptr, lora_ptr, g_ptr, bias_ptr, base_ptr, y_ptr, N, OUT, N_BUCKET, scaling,
                             HAS_BIAS: tl.constexpr, HAS_BASE: tl.constexpr, FP64: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr):
         # One program: a [BLOCK_N, BLOCK_O] tile of the row-major [N, OUT] tensors; g, bias [OUT].
+        # N_BUCKET only keys the autotuner.
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
         mask_o = offs_o < OUT
@@ -93,15 +106,22 @@ def _triton_kernel():
     return dora_compose_kernel
 
 
+dora_compose_kernel = _define_kernel() if triton_available() else None
+
+
 def dora_compose_triton(result: torch.Tensor, lora: torch.Tensor, g: torch.Tensor, scaling: float,
-                        bias: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton version of `dora_compose_reference`; same shapes and dtypes, no autograd.
+                        bias: torch.Tensor | None = None, base: torch.Tensor | None = None,
+                        tile: tuple[int, int] | None = None) -> torch.Tensor:
+    """Triton version of `dora_compose_reference`; same shapes and dtypes, no autograd (the op adds it).
 
     Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1. Inputs of mixed dtypes
-    (bf16 result, fp32 lora and g) are read as they are, without a cast copy.
+    (bf16 result, fp32 lora and g) are read as they are, without a cast copy. `tile` =
+    (BLOCK_N, BLOCK_O) skips the autotuner (tests).
     """
     _check(result, lora, g, bias, base)
-    kernel = _triton_kernel()
+    kernel = dora_compose_kernel
+    if kernel is None:
+        raise RuntimeError("dora_compose_triton needs triton")
     if not result.is_cuda and not interpreting(kernel):
         raise RuntimeError("dora_compose_triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU)")
     out = result.shape[-1]
@@ -112,54 +132,70 @@ def dora_compose_triton(result: torch.Tensor, lora: torch.Tensor, g: torch.Tenso
     y = torch.empty_like(res2)
     if n and out:
         g = g.contiguous()
-        block_o = min(128, _next_pow2(out))
-        block_n = min(max(4096 // block_o, 1), _next_pow2(n))  # ~4096 elements a program
-        grid = (cdiv(n, block_n), cdiv(out, block_o))
-        kernel[grid](res2, lora2, g, bias.contiguous() if bias is not None else g, base2, y, n, out, float(scaling),
-                     HAS_BIAS=bias is not None, HAS_BASE=base is not None,
-                     FP64=_acc_dtype(result, lora, g, bias, base) == torch.float64,
-                     BLOCK_N=block_n, BLOCK_O=block_o)
+        args = (res2, lora2, g, bias.contiguous() if bias is not None else g, base2, y, n, out, n_bucket(n),
+                float(scaling))
+        flags = {"HAS_BIAS": bias is not None, "HAS_BASE": base is not None,
+                 "FP64": _acc_dtype(result, lora, g, bias, base) == torch.float64}
+        if tile is None:
+            grid = lambda meta: (cdiv(n, meta["BLOCK_N"]), cdiv(out, meta["BLOCK_O"]))
+            wrap_triton(dora_compose_kernel)[grid](*args, **flags)
+        else:
+            kernel.fn[(cdiv(n, tile[0]), cdiv(out, tile[1]))](*args, **flags, BLOCK_N=tile[0], BLOCK_O=tile[1])
     return y.reshape(result.shape)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+# --- the op --------------------------------------------------------------------------------------
+
+def _dora_compose_impl(result: torch.Tensor, lora: torch.Tensor, g: torch.Tensor, scaling: float,
+                       bias: torch.Tensor | None, base: torch.Tensor | None) -> torch.Tensor:
+    """The op's body: the Triton kernel where `use_triton` says so, else the torch reference."""
+    if use_triton(result, dora_compose_kernel):
+        return dora_compose_triton(result, lora, g, scaling, bias, base)
+    return dora_compose_reference(result, lora, g, scaling, bias, base).contiguous()
 
 
-class DoraCompose(torch.autograd.Function):
-    """y = result + (g − 1)·base + (g·lora)·s with gradients for result, lora, g, bias and base."""
+_op = define_op(OP_NAME, _dora_compose_impl)
 
-    @staticmethod
-    def forward(ctx, result, lora, g, scaling, bias, base, use_triton):
-        impl = dora_compose_triton if use_triton else dora_compose_reference
-        ctx.scaling, ctx.has_base, ctx.result_dtype = scaling, base is not None, result.dtype
-        ctx.save_for_backward(result if base is None else base, lora, g, bias)
-        return impl(result, lora, g, scaling, bias, base)
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        saved, lora, g, bias = ctx.saved_tensors
-        s, acc = ctx.scaling, _acc_dtype(grad_y, saved, lora, g)
-        grad, g_acc = grad_y.to(acc), g.to(acc)
-        need = ctx.needs_input_grad
-        # With base derived from result, y = g·result − (g − 1)·bias + (g·lora)·s, so ∂y/∂result = g.
-        d_result = (grad if ctx.has_base else grad * g_acc) if need[0] else None
-        d_lora = grad * g_acc * s if need[1] else None
-        d_g = None
-        if need[2]:  # ∂y/∂g = base + lora·s, summed over the rows: [out]
-            base = _base_of(saved, None if ctx.has_base else bias, saved if ctx.has_base else None, acc)
-            d_g = (grad * (base + lora.to(acc) * s)).reshape(-1, g.shape[0]).sum(0)
-        d_bias = None
-        if bias is not None and need[4] and not ctx.has_base:
-            d_bias = -(grad.reshape(-1, g.shape[0]).sum(0) * (g_acc - 1))
-        d_base = grad * (g_acc - 1) if ctx.has_base and need[5] else None
-        cast = lambda t, dtype: None if t is None else t.to(dtype)  # noqa: E731
-        return (cast(d_result, ctx.result_dtype), cast(d_lora, lora.dtype), cast(d_g, g.dtype), None,
-                cast(d_bias, bias.dtype if bias is not None else None), cast(d_base, saved.dtype), None)
+@_op.register_fake
+def _dora_compose_fake(result, lora, g, scaling, bias, base):
+    """Shapes and dtype only: y like `result` (contiguous)."""
+    _check(result, lora, g, bias, base)
+    return result.new_empty(result.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    result, lora, g, scaling, bias, base = inputs
+    ctx.scaling, ctx.has_base, ctx.result_dtype = scaling, base is not None, result.dtype
+    ctx.save_for_backward(result if base is None else base, lora, g, bias)
+
+
+def _backward(ctx, grad_y):
+    """Gradients for result, lora, g, bias (when base is derived from it) and base; none for scaling."""
+    saved, lora, g, bias = ctx.saved_tensors
+    s, acc = ctx.scaling, _acc_dtype(grad_y, saved, lora, g)
+    grad, g_acc = grad_y.to(acc), g.to(acc)
+    need = ctx.needs_input_grad
+    # With base derived from result, y = g·result − (g − 1)·bias + (g·lora)·s, so ∂y/∂result = g.
+    d_result = (grad if ctx.has_base else grad * g_acc) if need[0] else None
+    d_lora = grad * g_acc * s if need[1] else None
+    d_g = None
+    if need[2]:  # ∂y/∂g = base + lora·s, summed over the rows: [out]
+        base = _base_of(saved, None if ctx.has_base else bias, saved if ctx.has_base else None, acc)
+        d_g = (grad * (base + lora.to(acc) * s)).reshape(-1, g.shape[0]).sum(0)
+    d_bias = None
+    if bias is not None and need[4] and not ctx.has_base:
+        d_bias = -(grad.reshape(-1, g.shape[0]).sum(0) * (g_acc - 1))
+    d_base = grad * (g_acc - 1) if ctx.has_base and need[5] else None
+    cast = lambda t, dtype: None if t is None else t.to(dtype)
+    return (cast(d_result, ctx.result_dtype), cast(d_lora, lora.dtype), cast(d_g, g.dtype), None,
+            cast(d_bias, bias.dtype if bias is not None else None), cast(d_base, saved.dtype))
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def dora_compose(result: torch.Tensor, lora: torch.Tensor, g: torch.Tensor, scaling: float,
                  bias: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
-    """Dispatch with autograd: the Triton kernel for CUDA tensors when triton imports, else the reference."""
-    use_triton = result.is_cuda and triton_available()
-    return DoraCompose.apply(result, lora, g, float(scaling), bias, base, use_triton)
+    """y through `subspace::dora_compose`, with autograd: Triton on CUDA when triton imports, else the reference."""
+    return torch.ops.subspace.dora_compose(result, lora, g, float(scaling), bias, base)

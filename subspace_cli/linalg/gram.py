@@ -39,7 +39,7 @@ class GramStats:
         """Second moment E[x xᵀ] (the Gram per token), float64 [in, in]."""
         return self.gram / max(self.n_tokens, 1)
 
-    def merge_(self, other: "GramStats") -> "GramStats":
+    def merge_(self, other: GramStats) -> GramStats:
         self.gram += other.gram.to(self.gram.device)
         self.abs_sum += other.abs_sum.to(self.abs_sum.device)
         self.n_tokens += other.n_tokens

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 
 from subspace_cli.errors import UsageError
 from subspace_cli.io.devices import check_device
+from subspace_cli.io.models import load_tokenizer, resolve_model_path, torch_dtype
 from subspace_cli.modules.remote_modeling import FORMAT_VERSION, build_model_class
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -26,7 +28,7 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _factored_class(base_architecture: str) -> type:
     return build_model_class(base_architecture)
 
@@ -195,7 +197,32 @@ def load_model(path, device="cpu", dtype=None, allow_pickle: bool = False) -> nn
     _check_loading_info(path, info)
     check_finite(model, path)
     if torch.device(device).type == "cuda":
-        from subspace_cli.kernels.packed_product import enable_dictionary_kernel
+        from subspace_cli.kernels.packed_product import use_packed_product
+        from subspace_cli.modules.remote_modeling import DictionaryLinear
 
-        enable_dictionary_kernel()  # DictionaryLinear's packed product in Triton (no-op without triton)
+        for module in model.modules():  # each DictionaryLinear's packed product in Triton (no-op without triton)
+            if isinstance(module, DictionaryLinear):
+                use_packed_product(module)
     return model.eval()
+
+
+@dataclass
+class LoadedModel:
+    model: object  # transformers PreTrainedModel
+    tokenizer: object | None
+    path: Path
+    ref: str
+
+
+def load_model_and_tokenizer(
+    ref: str, *, device: str = "cpu", dtype: str | None = "float32", allow_pickle: bool = False,
+    with_tokenizer: bool = True,
+) -> LoadedModel:
+    """Load any supported reference (safetensors only unless `allow_pickle`)."""
+    path = resolve_model_path(ref)
+    # One loader for factored and plain checkpoints: it refuses pickle unless allowed and names
+    # corrupt or mismatched weight files; factored layers load without remote code.
+    model = load_model(path, device=device, dtype=torch_dtype(dtype), allow_pickle=allow_pickle)
+    model.eval()
+    tokenizer = load_tokenizer(path) if with_tokenizer else None
+    return LoadedModel(model=model, tokenizer=tokenizer, path=path, ref=ref)

@@ -10,14 +10,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from subspace_cli.io.discovery import is_conv1d, set_submodule
+from subspace_cli.walk import is_conv1d, set_submodule
 
 from .remote_modeling import (FORMAT_VERSION, DictionaryLinear, LowRankEmbedding, LowRankExperts, LowRankLinear,
                               TiedLowRankLinear, apply_factored_layout, existing_tied_keys)
 
-__all__ = ["FORMAT_VERSION", "DictionaryLinear", "LowRankLinear", "LowRankExperts", "LowRankEmbedding",
-           "TiedLowRankLinear", "apply_factored_layout", "factored_layout", "densify_", "layout_format_version",
-           "FACTORED_TYPES"]
+__all__ = [
+    "FACTORED_TYPES",
+    "FORMAT_VERSION",
+    "DictionaryLinear",
+    "LowRankEmbedding",
+    "LowRankExperts",
+    "LowRankLinear",
+    "TiedLowRankLinear",
+    "apply_factored_layout",
+    "densify_",
+    "factored_layout",
+    "layout_format_version",
+]
 
 FACTORED_TYPES = (LowRankLinear, DictionaryLinear, LowRankExperts, LowRankEmbedding, TiedLowRankLinear)
 # Kinds a version-2 reader does not know (format version 3).

@@ -91,6 +91,15 @@ def pack_bitmask(indices, atoms):
     return (bits.reshape(out, -1, 8) * weights).sum(-1, dtype=torch.uint8)
 
 
+def scatter_product(z, values, indices):
+    """y = z·Sᵀ for S [out, atoms] scattered from values and atom ids [out, s]; z (..., atoms) -> (..., out).
+
+    DictionaryLinear's default product: a transient the size of one [out, atoms] matrix, then one GEMM.
+    """
+    dense = torch.zeros(values.shape[0], z.shape[-1], dtype=values.dtype, device=values.device)
+    return F.linear(z, dense.scatter_(1, indices.long(), values))
+
+
 class DictionaryLinear(nn.Module):
     """y = (x·Dᵀ)·Sᵀ + b: a weight W [out, in] ~= S·D stored as a sparse dictionary code.
 
@@ -101,10 +110,6 @@ class DictionaryLinear(nn.Module):
     A module built with `shared_with` reads the dictionary of another DictionaryLinear (one
     dictionary for the same projection across several blocks) and stores none itself.
     """
-
-    # kernel(z [N, atoms], values [out, s], indices [out, s]) -> [N, out]; None: the torch path.
-    # subspace sets a Triton kernel here on CUDA; this file never imports it.
-    kernel = None
 
     def __init__(self, in_features, out_features, atoms, nonzeros, bias=True, positions="indices",
                  dtype=None, device=None):
@@ -127,6 +132,9 @@ class DictionaryLinear(nn.Module):
             self.register_buffer("mask", torch.zeros(self.out_features, -(-self.atoms // 8), dtype=torch.uint8,
                                                      device=device))
         self._owner = None  # [DictionaryLinear] when the dictionary is shared (a list: not a submodule)
+        # product(z [..., atoms], values [out, s], indices [out, s]) -> [..., out], per instance:
+        # subspace's loader may set its Triton op here on CUDA (this file never imports it).
+        self.product = scatter_product
         self._decoded = None  # (mask version key, int64 ids) cache for the bitmask form
 
     @classmethod
@@ -178,13 +186,7 @@ class DictionaryLinear(nn.Module):
 
     def forward(self, x):
         z = F.linear(x, self.dictionary_weight)  # (..., atoms)
-        kernel = type(self).kernel  # read on the class: a plain function is not bound to self
-        if kernel is not None and z.is_cuda:
-            y = kernel(z.reshape(-1, self.atoms), self.values, self.atom_indices())
-            y = y.reshape(*x.shape[:-1], self.out_features)
-        else:
-            # S scattered to [out, atoms]: a transient the size of one [out, atoms] matrix, then one GEMM.
-            y = F.linear(z, self.coefficients())
+        y = self.product(z, self.values, self.atom_indices())  # (..., out)
         return y if self.bias is None else y + self.bias
 
     def dense_weight(self):
@@ -326,7 +328,7 @@ class TiedLowRankLinear(nn.Module):
 
 def _is_conv1d(module):
     # This file must stay self-contained (it is shipped in checkpoints), so it keeps its own copy
-    # of subspace_cli.io.discovery.is_conv1d. GPT-2 style Conv1D (transformers.pytorch_utils.Conv1D): weight stored as [in, out].
+    # of subspace_cli.walk.is_conv1d. GPT-2 style Conv1D (transformers.pytorch_utils.Conv1D): weight stored as [in, out].
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
 
 

@@ -17,25 +17,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from subspace_cli import __version__
 from subspace_cli.errors import UsageError
 from subspace_cli.evaluate.perplexity import check_seqlen, is_causal_lm
-from subspace_cli.io.checkpoint import param_count, write_checkpoint
-from subspace_cli.io.discovery import block_linears, compile_pattern, find_blocks, weight_matrix
-from subspace_cli.io.models import load_model_and_tokenizer
-from subspace_cli.io.output_dir import atomic_output_dir, check_not_an_input, check_output_dir, check_writable_dir
+from subspace_cli.io.output_dir import check_not_an_input, check_output_dir, check_writable_dir
 from subspace_cli.io.sharded_writer import shard_size_bytes
 from subspace_cli.io.training_data import load_training_data
 from subspace_cli.methods.adapt.base import AdaptContext
-from subspace_cli.methods.adapt.experts import ExpertStack, block_expert_stacks, block_routers, param_wrapper
-from subspace_cli.methods.registry import get_method
-from subspace_cli.pipelines.adapt_config import AdaptConfig
-from subspace_cli.pipelines.adapter_export import attach_exported, plot_curve
-from subspace_cli.pipelines.config_paths import input_refs, stored_recipe
+from subspace_cli.methods.adapt.experts import param_wrapper
+from subspace_cli.methods.catalog import get_method, methods_for
+from subspace_cli.modules.checkpoint import param_count, write_checkpoint
+from subspace_cli.modules.loading import load_model_and_tokenizer
+from subspace_cli.pipelines.adapt_config import TRAIN_FIELDS, AdaptConfig
+from subspace_cli.pipelines.adapter_export import attach_exported
+from subspace_cli.pipelines.config_paths import input_refs
+from subspace_cli.pipelines.distributed import current_processes
+from subspace_cli.pipelines.lifecycle import measured, report_fields, write_output
 from subspace_cli.pipelines.trainer import TrainSettings, check_checkpoint, eval_loss, train
-from subspace_cli.report.render import write_outputs
-from subspace_cli.report.resources import StageTimer, peak_device_mb, peak_rss_mb
+from subspace_cli.report.plots import plot_curve
+from subspace_cli.report.resources import StageTimer
 from subspace_cli.report.schema import AdapterLayerReport, PerplexityReport, Report, TrainingReport
+from subspace_cli.walk import (ExpertStack, block_expert_stacks, block_linears, block_routers, compile_pattern,
+                               find_blocks, weight_matrix)
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +121,12 @@ def _listed(paths: list[str], shown: int = 3) -> str:
 def check_experts(method, layers: dict, config: AdaptConfig) -> None:
     """Exit 2 when the run targets expert stacks and the method cannot adapt them (never a silent skip)."""
     stacks = [path for path, m in layers.items() if isinstance(m, ExpertStack)]
-    if stacks and not getattr(method.build, "adapts_experts", False):
+    if stacks and not method.adapts_experts:
         shape = "×".join(map(str, layers[stacks[0]].shape))
         more = f" and {len(stacks) - 1} more" if len(stacks) > 1 else ""
+        able = " or ".join(f"--method {n}" for n, m in methods_for("adapt").items() if m.adapts_experts)
         raise UsageError(f"method '{config.method}' adapts Linear layers; experts are 3-D parameters ({stacks[0]} "
-                         f"[{shape}]{more}): use --method lora, or --exclude experts")
+                         f"[{shape}]{more}): use {able}, or --exclude experts")
 
 
 def _target_shape(module: nn.Module | ExpertStack) -> tuple[int, ...]:
@@ -166,7 +169,7 @@ def _calibration_runner(data, samples: int):
 
 def run_adapt(config: AdaptConfig) -> Report:
     method, method_config = validate(config)
-    lr = config.lr if config.lr is not None else (method.default_lr or 2e-4)
+    lr = config.lr if config.lr is not None else method.default_lr
     timer = StageTimer()
     with timer.stage("load"):
         loaded = load_model_and_tokenizer(config.model, device=config.device, dtype=config.dtype,
@@ -186,20 +189,16 @@ def run_adapt(config: AdaptConfig) -> Report:
     with timer.stage("eval_before"):
         loss_before = eval_loss(model, data.eval, config.batch_size, config.eval_rows)
     generator = torch.Generator().manual_seed(config.seed)
-    runner = _calibration_runner(data.train, getattr(method_config, "samples", 16))
+    runner = _calibration_runner(data.train, method.calibration_samples(method_config))
     with timer.stage("init"):
-        adapted = method.build(model, layers, config.rank, config.scaling_alpha, method_config,
+        adapted = method.attach(model, layers, config.rank, config.scaling_alpha, method_config,
                                AdaptContext(generator=generator, run_calibration=runner))
     trainable = {n: p for n, p in adapted.model.named_parameters() if p.requires_grad}
     per_layer = _trainable_per_layer(adapted.model, layers, trainable)
     checkpoints = checkpoint_dir(config)
     settings = TrainSettings(
-        steps=config.steps, lr=lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
-        batch_size=config.batch_size, grad_accum=config.grad_accum, max_grad_norm=config.max_grad_norm,
-        precision=config.precision, gradient_checkpointing=config.gradient_checkpointing,
-        eval_every=config.eval_every, eval_rows=config.eval_rows, save_every=config.save_every,
-        checkpoint_dir=checkpoints, resume=Path(config.resume) if config.resume else None, seed=config.seed,
-        fingerprint=fingerprint(config, lr))
+        **config.model_dump(include=set(TRAIN_FIELDS) - {"lr"}), lr=lr, checkpoint_dir=checkpoints,
+        resume=Path(config.resume) if config.resume else None, fingerprint=fingerprint(config, lr))
     with timer.stage("train"):
         result = train(adapted.model, data.train, data.eval, settings)
     with timer.stage("export"):
@@ -210,8 +209,7 @@ def run_adapt(config: AdaptConfig) -> Report:
         gc.collect()
     loss_after = result.evals[-1]["loss"]
     report = Report(
-        tool_version=__version__, verb="adapt", model=config.model, method=config.method,
-        options=config.model_dump(mode="json"),
+        **report_fields("adapt", config, method_config),
         perplexity={"held-out": PerplexityReport(
             before=math.exp(loss_before), after=math.exp(loss_after), ratio=math.exp(loss_after - loss_before),
             n_tokens=int((data.eval.labels[:config.eval_rows or len(data.eval), 1:] != -100).sum()))},
@@ -224,35 +222,28 @@ def run_adapt(config: AdaptConfig) -> Report:
                                      trainable=per_layer[path], export_rank=d.rank) for path, d in deltas.items()],
         notes=notes)
     del layers, trainable
-    from accelerate import PartialState
-
-    process = PartialState()  # under `accelerate launch`, one process writes; the others wait for it
-    if process.is_main_process:
-        _write(config, report, deltas, use_dora, base_path, result, timer, checkpoints)
-    process.wait_for_everyone()
+    # Under `accelerate launch` / `torchrun` the trainer opened the process group; one process writes.
+    write_output("adapt", config, lambda tmp: _write(tmp, config, report, deltas, use_dora, base_path, result, timer,
+                                                     checkpoints), current_processes(config.device))
     return report
 
 
-def _write(config: AdaptConfig, report: Report, deltas, use_dora: bool, base_path: Path, result, timer: StageTimer,
-           checkpoint_dir: Path) -> None:
-    with atomic_output_dir(Path(config.out), config.overwrite, input_refs(config)) as tmp:
-        with timer.stage("write"):
-            base = load_model_and_tokenizer(config.model, device=config.device, dtype=config.dtype,
-                                            allow_pickle=config.allow_pickle, with_tokenizer=False).model
-            # A hub id is recorded as such (portable); a local model as its absolute path.
-            hub_id = not config.model.startswith("builtin:") and not Path(config.model).expanduser().exists()
-            peft_model = attach_exported(base, deltas, use_dora, config.model if hub_id else str(base_path))
-            peft_model.save_pretrained(tmp)
-            plot_curve(result.curve, result.evals, tmp / "training_curve.png", f"{config.method} on {config.model}")
-            report.output = {"path": str(Path(config.out).resolve()), "adapter": "PEFT LoRA" + (" (DoRA)" if use_dora else ""),
-                             "plot": "training_curve.png"}
-            if config.merge:
-                merged = peft_model.merge_and_unload()
-                write_checkpoint(merged, tmp / "merged", source_dir=base_path, max_shard_size=shard_size_bytes(config.shard_size))
-                report.output["merged"] = "merged"
-            if config.save_every:
-                report.output["checkpoints"] = str(checkpoint_dir)
-        report.timings_s = dict(timer.seconds)
-        report.peak_rss_mb = peak_rss_mb()
-        report.peak_device_mb = peak_device_mb()
-        write_outputs(tmp, report, stored_recipe("adapt", config))
+def _write(tmp: Path, config: AdaptConfig, report: Report, deltas, use_dora: bool, base_path: Path, result,
+           timer: StageTimer, checkpoint_dir: Path) -> Report:
+    with timer.stage("write"):
+        base = load_model_and_tokenizer(config.model, device=config.device, dtype=config.dtype,
+                                        allow_pickle=config.allow_pickle, with_tokenizer=False).model
+        # A hub id is recorded as such (portable); a local model as its absolute path.
+        hub_id = not config.model.startswith("builtin:") and not Path(config.model).expanduser().exists()
+        peft_model = attach_exported(base, deltas, use_dora, config.model if hub_id else str(base_path))
+        peft_model.save_pretrained(tmp)
+        plot_curve(result.curve, result.evals, tmp / "training_curve.png", f"{config.method} on {config.model}")
+        report.output = {"path": str(Path(config.out).resolve()), "adapter": "PEFT LoRA" + (" (DoRA)" if use_dora else ""),
+                         "plot": "training_curve.png"}
+        if config.merge:
+            merged = peft_model.merge_and_unload()
+            write_checkpoint(merged, tmp / "merged", source_dir=base_path, max_shard_size=shard_size_bytes(config.shard_size))
+            report.output["merged"] = "merged"
+        if config.save_every:
+            report.output["checkpoints"] = str(checkpoint_dir)
+    return measured(report, timer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, create_model, field_validator, model_validator
 
 from subspace_cli.pipelines.compress_config import RunOptions
 from subspace_cli.pipelines.config_paths import DATA, LOCAL, MODEL, OUTPUT
@@ -62,3 +62,12 @@ class AdaptConfig(RunOptions):
     @property
     def scaling_alpha(self) -> float:
         return float(self.alpha if self.alpha is not None else self.rank)
+
+
+# The training loop's options (pipelines/trainer.py TrainSettings), taken from AdaptConfig's own fields:
+# declared once, with the same defaults, bounds and help.
+TRAIN_FIELDS = ("steps", "lr", "weight_decay", "warmup_steps", "batch_size", "grad_accum", "max_grad_norm", "precision",
+                "gradient_checkpointing", "eval_every", "eval_rows", "save_every", "seed")
+TrainOptions = create_model(
+    "TrainOptions", __config__=ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False),
+    **{name: (AdaptConfig.model_fields[name].annotation, AdaptConfig.model_fields[name]) for name in TRAIN_FIELDS})

@@ -68,22 +68,3 @@ def attach_exported(base: nn.Module, deltas: dict[str, LoraDelta], use_dora: boo
             magnitude = layer.lora_magnitude_vector["default"].weight
             magnitude.copy_(delta.magnitude.reshape(magnitude.shape).to(magnitude.dtype))
     return peft_model
-
-
-def plot_curve(curve: list[dict], evals: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([c["step"] for c in curve], [c["loss"] for c in curve], lw=1, label="training loss")
-    if evals:
-        ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", label="held-out loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -13,15 +13,16 @@ block's activations live at once: n_batches × (B, L, hidden).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from subspace_cli.io.discovery import Blocks, block_linears, find_blocks, in_out_features, weight_matrix
 from subspace_cli.linalg.gram import GramStats
+from subspace_cli.walk import Blocks, block_linears, find_blocks, in_out_features, weight_matrix
 
 
 class _Captured(Exception):

@@ -26,35 +26,37 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from subspace_cli import __version__
 from subspace_cli.errors import UsageError
-from subspace_cli.io.checkpoint import param_count, write_checkpoint
-from subspace_cli.io.discovery import compile_pattern, find_blocks, set_submodule, weight_matrix
-from subspace_cli.io.models import load_model_and_tokenizer
-from subspace_cli.io.output_dir import atomic_output_dir, check_output_dir
+from subspace_cli.evaluate.perplexity import perplexity
+from subspace_cli.io.output_dir import check_output_dir
 from subspace_cli.io.sharded_writer import shard_size_bytes
 from subspace_cli.linalg.gram import GramStats
 from subspace_cli.linalg.rank_allocation import MatrixSpec
-from subspace_cli.methods.registry import Method, MethodConfig, get_method
+from subspace_cli.methods.catalog import get_method, methods_for
+from subspace_cli.methods.compress.base import LowRankMethod, is_dictionary
+from subspace_cli.methods.registry import MethodConfig, Needs
+from subspace_cli.modules.checkpoint import param_count, write_checkpoint
+from subspace_cli.modules.loading import load_model_and_tokenizer
 from subspace_cli.modules.lowrank import LowRankLinear, densify_
 from subspace_cli.pipelines.calibration import BlockStream, record_head_inputs, record_inputs
+from subspace_cli.pipelines.compress_config import CompressConfig
 from subspace_cli.pipelines.compress_experts import compress_experts
 from subspace_cli.pipelines.compress_plan import (PLAN_SAMPLES, compress_linears, expert_grams_mode, expert_notes,
                                                   expert_targets, plan_ranks)
 from subspace_cli.pipelines.compress_vocab import (VocabTargets, factor_embedding, factor_head, tied_note,
                                                    vocabulary_targets)
-from subspace_cli.pipelines.compress_config import CompressConfig
-from subspace_cli.pipelines.config_paths import input_refs, stored_recipe
+from subspace_cli.pipelines.config_paths import input_refs
 from subspace_cli.pipelines.datasets import EvalSet, calibration_ids, evaluation_sets
 from subspace_cli.pipelines.dictionary_layers import Member, compress_group, dictionary_budget, projection_type
-from subspace_cli.pipelines.distributed import Processes, current_processes, shared_perplexity
+from subspace_cli.pipelines.distributed import Processes, current_processes
 from subspace_cli.pipelines.expert_grams import ExpertStats, finish_expert_stats, first_pass
 from subspace_cli.pipelines.factoring import factor_matrix
+from subspace_cli.pipelines.lifecycle import measured, report_fields, write_output
 from subspace_cli.pipelines.placement import place_blocks
 from subspace_cli.pipelines.progress import progress_bar, set_quiet
-from subspace_cli.report.render import write_outputs
-from subspace_cli.report.resources import StageTimer, peak_device_mb, peak_rss_mb
+from subspace_cli.report.resources import StageTimer
 from subspace_cli.report.schema import MatrixReport, ParamTotals, PerplexityReport, Report
+from subspace_cli.walk import compile_pattern, find_blocks, set_submodule, weight_matrix
 
 log = logging.getLogger(__name__)
 __all__ = ["PLAN_SAMPLES", "compress_and_write", "compress_model", "plan_ranks", "run_compress"]
@@ -65,7 +67,7 @@ class CompressState:
     """Runtime state of one compress run (the config stays frozen)."""
 
     config: CompressConfig
-    method: Method
+    method: LowRankMethod
     method_config: MethodConfig
     matrices: list[MatrixReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -73,20 +75,21 @@ class CompressState:
     processes: Processes = field(default_factory=Processes)  # one, unless launched with several
 
 
-def validate(config: CompressConfig) -> tuple[Method, MethodConfig]:
+def validate(config: CompressConfig) -> tuple[LowRankMethod, MethodConfig]:
     """Everything checkable before loading weights, so bad input fails fast with exit 2."""
     method = get_method("compress", config.method)
     options = dict(config.options)
     if config.structure is not None:
         if "structure" not in method.config_class.model_fields:
-            raise UsageError(f"--structure applies to sparse-dictionary methods (cospadi), not '{method.name}'")
+            takes = ", ".join(n for n, m in methods_for("compress").items() if "structure" in m.config_class.model_fields)
+            raise UsageError(f"--structure applies to sparse-dictionary methods ({takes}), not '{method.name}'")
         options["structure"] = config.structure
     method_config = method.make_config(options)
     compile_pattern(config.targets, "--targets")
     compile_pattern(config.exclude, "--exclude")
     check_output_dir(Path(config.out), config.overwrite, input_refs(config))
     shard_size_bytes(config.shard_size)
-    if "calibration" in method.needs and not config.calib:
+    if Needs.CALIBRATION in method.needs and not config.calib:
         raise UsageError(f"method '{method.name}' needs calibration data; pass --calib (e.g. builtin:shakespeare)")
     return method, method_config
 
@@ -116,7 +119,7 @@ def compress_model(model: nn.Module, config: CompressConfig, state: CompressStat
     its compressed output; each block's Linears and experts next; an untied LM head last, fitted
     to the final hidden states.
     """
-    if state.method.fit is not None:
+    if is_dictionary(state.method):
         return compress_dictionary_model(model, config, state, ranks, input_ids)
     vocab = vocab or VocabTargets()
     pooled = expert_grams_mode(state) == "pooled"
@@ -214,7 +217,7 @@ def compress_dictionary_model(model: nn.Module, config: CompressConfig, state: C
 
 def _perplexities(model, sets: list[EvalSet], config: CompressConfig, processes: Processes) -> dict[str, dict]:
     """Each process scores its share of the windows; NLL sums and token counts are summed."""
-    return {s.name: shared_perplexity(processes, model, s.windows, batch_size=config.batch_size, device=config.device)
+    return {s.name: perplexity(model, s.windows, batch_size=config.batch_size, device=config.device, processes=processes)
             for s in sets}
 
 
@@ -252,8 +255,8 @@ def compress_and_write(config: CompressConfig) -> tuple[Report, nn.Module]:
     if placement is not None:
         notes.append(placement.note())
     params_before = param_count(model)
-    vocab = vocabulary_targets(model, work, dictionary_method=method.fit is not None)  # exit 2 before any work
-    notes.extend(expert_notes(model, dictionary_method=method.fit is not None,
+    vocab = vocabulary_targets(model, work, dictionary_method=is_dictionary(method))  # exit 2 before any work
+    notes.extend(expert_notes(model, dictionary_method=is_dictionary(method),
                               pooled=expert_grams_mode(state) == "pooled"))
     if vocab.tied_head:
         notes.append(tied_note(vocab))
@@ -281,41 +284,36 @@ def compress_and_write(config: CompressConfig) -> tuple[Report, nn.Module]:
     with timer.stage("eval_after"):
         after = _perplexities(model, eval_sets, work, processes)
 
-    if not processes.is_main:
-        processes.barrier()  # released once the main process has written (or failed to)
-        return _build_report(config, state, model, params_before, before, after, timer, notes), model
-    try:
-        with atomic_output_dir(Path(config.out), config.overwrite, input_refs(config)) as tmp:
-            with timer.stage("write"):
-                if config.format == "dense":
-                    densify_(model)
-                write_checkpoint(model, tmp, source_dir=loaded.path, max_shard_size=shard_size_bytes(config.shard_size))
-            report = _build_report(config, state, model, params_before, before, after, timer, notes)
-            write_outputs(tmp, report, stored_recipe("compress", config))
-    finally:
-        processes.barrier()  # in `finally`: a failed write must not leave the others waiting forever
-    return report, model
+    def write(tmp: Path) -> Report:
+        with timer.stage("write"):
+            if config.format == "dense":
+                densify_(model)
+            write_checkpoint(model, tmp, source_dir=loaded.path, max_shard_size=shard_size_bytes(config.shard_size))
+        return _build_report(config, state, params_before, before, after, timer, notes)
+
+    report = write_output("compress", config, write, processes)
+    return report or _build_report(config, state, params_before, before, after, timer, notes), model
 
 
-def _build_report(config, state, model, params_before, before, after, timer, notes) -> Report:
+def _build_report(config, state, params_before, before, after, timer, notes) -> Report:
     targeted_before = sum(m.params_before for m in state.matrices)
     targeted_after = sum(m.params_after for m in state.matrices)
     # Counted from the stored sizes: a DictionaryLinear's positions are buffers, not parameters.
     params_after = params_before - targeted_before + targeted_after
-    perplexity = {
+    scores = {
         name: PerplexityReport(before=before[name]["ppl"], after=after[name]["ppl"],
                                ratio=after[name]["ppl"] / before[name]["ppl"], n_tokens=after[name]["n_tokens"])
         for name in before
     }
-    return Report(
-        tool_version=__version__, verb="compress", model=config.model, method=config.method,
-        options=config.model_dump(mode="json"), matrices=state.matrices,
+    report = Report(
+        **report_fields("compress", config, state.method_config), matrices=state.matrices,
         params=ParamTotals(
             targeted_before=targeted_before, targeted_after=targeted_after,
             targeted_ratio_removed=1 - targeted_after / max(targeted_before, 1),
             model_before=params_before, model_after=params_after,
             model_ratio_removed=1 - params_after / max(params_before, 1)),
-        perplexity=perplexity,
-        timings_s={**timer.seconds, **{f"compress.{stage}": s for stage, s in state.fit_seconds.items()}}, peak_rss_mb=peak_rss_mb(),
-        peak_device_mb=peak_device_mb(), output={"path": str(config.out), "format": config.format}, notes=notes,
+        perplexity=scores,
+        timings_s={f"compress.{stage}": s for stage, s in state.fit_seconds.items()},
+        output={"path": str(config.out), "format": config.format}, notes=notes,
     )
+    return measured(report, timer)

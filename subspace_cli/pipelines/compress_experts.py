@@ -1,7 +1,7 @@
 """Compress the experts of a mixture-of-experts block: each expert's matrices factored on their own.
 
 An experts module keeps gate_up_proj [E, 2I, H] and down_proj [E, H, I] as 3-D parameters
-(io/discovery.py `ExpertSet`). Every expert's slice is a matrix of its own, with its own rank (the
+(walk/experts.py `ExpertSet`). Every expert's slice is a matrix of its own, with its own rank (the
 rank plan counts it as it counts any Linear) and its own Gram (pipelines/expert_grams.py). The
 module is replaced by a LowRankExperts (modules/remote_modeling.py) whose forward reproduces the
 model's eager expert loop; the router is never touched. Before the first replacement of each
@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from subspace_cli.io.discovery import EXPERT_MATRICES, ExpertMatrix, ExpertSet
 from subspace_cli.modules.lowrank import LowRankExperts
 from subspace_cli.pipelines.expert_grams import ExpertStats
 from subspace_cli.pipelines.factoring import factor_matrix
+from subspace_cli.walk import EXPERT_MATRICES, ExpertMatrix, ExpertSet
 
 _CHECKED: dict[type, bool] = {}
 # Relative: summing in another order (or transformers' grouped_mm) moves float32 by ~1e-7, bf16 by
@@ -56,7 +56,7 @@ def reproduces_forward(experts: ExpertSet) -> bool:
         expected = experts.module(x, index, weights)
         got = probe(x, index, weights)
         tolerance = CHECK_TOLERANCE.get(cube.dtype, 3e-2)
-        _CHECKED[cls] = bool(((got - expected).float().norm() <= tolerance * expected.float().norm().clamp_min(1e-30)))
+        _CHECKED[cls] = bool((got - expected).float().norm() <= tolerance * expected.float().norm().clamp_min(1e-30))
     return _CHECKED[cls]
 
 

@@ -15,8 +15,6 @@ import torch
 from torch import nn
 
 from subspace_cli.errors import UsageError
-from subspace_cli.io.discovery import (ExpertMatrix, ExpertSet, block_experts, block_linears, find_blocks, find_experts,
-                                       router_paths, weight_matrix)
 from subspace_cli.linalg.gram import GramStats
 from subspace_cli.linalg.rank_allocation import MatrixSpec, allocate
 from subspace_cli.pipelines.calibration import BlockStream, record_head_inputs, record_inputs
@@ -24,6 +22,8 @@ from subspace_cli.pipelines.compress_experts import reproduces_forward
 from subspace_cli.pipelines.compress_vocab import VocabTargets
 from subspace_cli.pipelines.expert_grams import finish_expert_stats, first_pass
 from subspace_cli.pipelines.factoring import spectrum
+from subspace_cli.walk import (ExpertMatrix, ExpertSet, block_experts, block_linears, find_blocks, find_experts,
+                               router_paths, weight_matrix)
 
 # Rank planning needs only the shape of each whitened spectrum, which 16 × calib_seqlen tokens
 # already resolve; it skips 3/4 of the planning pass's Gram cost at the default 64 samples.

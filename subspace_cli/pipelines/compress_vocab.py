@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from subspace_cli.errors import UsageError
-from subspace_cli.io.discovery import embedding_scale, set_submodule, vocabulary_matrices
 from subspace_cli.linalg.gram import GramStats
 from subspace_cli.modules.lowrank import LowRankEmbedding, LowRankLinear, TiedLowRankLinear, drop_stale_tied_keys
 from subspace_cli.pipelines.factoring import factor_matrix
+from subspace_cli.walk import embedding_scale, set_submodule, vocabulary_matrices
 
 
 @dataclass

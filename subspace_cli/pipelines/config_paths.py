@@ -17,9 +17,10 @@ Importing this module must not import torch (`subspace run --dry-run` loads noth
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -127,11 +128,3 @@ def absolute_config(config_class: type[BaseModel], values: dict[str, Any],
         else:
             out[name] = _absolute_one(value, kind, roots)
     return out
-
-
-def absolute_recipe(recipe: dict[str, Any], local_roots: Iterable[str | Path] = ()) -> dict[str, Any]:
-    """A single-step recipe {verb, config} (or a pipeline step {name, verb, config}), paths absolute."""
-    from subspace_cli.pipelines.recipe_format import config_classes
-
-    config_class = config_classes()[recipe["verb"]]
-    return {**recipe, "config": absolute_config(config_class, recipe["config"], local_roots)}

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from subspace_cli.io.discovery import weight_matrix
 from subspace_cli.linalg.dictionary_budget import dictionary_size
 from subspace_cli.linalg.gram import GramStats
 from subspace_cli.linalg.rank_allocation import MatrixSpec
 from subspace_cli.linalg.truncation import decompose, factors, weighted_relative_error
 from subspace_cli.modules.lowrank import DictionaryLinear
 from subspace_cli.report.schema import MatrixReport
+from subspace_cli.walk import weight_matrix
 
 
 @dataclass
@@ -78,7 +78,7 @@ def _svd_llm_reference(state, weight: torch.Tensor, stats: GramStats, params: fl
     if rank < 1:
         return 1.0
     if spectral is None:
-        spectral = decompose(weight, state.method.build(weight, stats, state.method_config))
+        spectral = decompose(weight, state.method.transform(weight, stats, state.method_config))
     up, down = factors(spectral, min(rank, spectral.s.numel()))
     return weighted_relative_error(weight, up @ down, stats.covariance)
 
@@ -100,7 +100,7 @@ def compress_group(members: list[Member], state, seed: int) -> GroupResult:
     out_f, in_f = weights[active[0].name].shape
     pooled = _pooled(active)
     stacked = torch.cat([weights[m.name] for m in active])  # [g·out, in]
-    spectral = decompose(stacked, state.method.build(stacked, pooled, config))
+    spectral = decompose(stacked, state.method.transform(stacked, pooled, config))
     size = dictionary_size(in_f, out_f, sum(m.budget for m in active), k_over_s=config.k_over_s,
                            max_atoms=spectral.s.numel(), members=len(active),
                            structure=None if config.structure == "none" else config.structure)

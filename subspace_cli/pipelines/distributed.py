@@ -156,26 +156,3 @@ def current_processes(device: str = "cpu") -> Processes:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))  # torchrun and accelerate set it
     return Processes(world=state.num_processes, rank=state.process_index, local_rank=state.local_process_index,
                      local_world=local_world)
-
-
-@torch.inference_mode()
-def shared_perplexity(processes: Processes, model, windows: torch.Tensor, *, batch_size: int, device) -> dict:
-    """{"ppl", "nll", "n_tokens"} over all `windows` [n, L], each process scoring its share.
-
-    The NLL sum and token count are summed over the processes, so the result is the
-    single-process perplexity (to float reassociation) whatever the number of processes.
-    """
-    from subspace_cli.evaluate.perplexity import batch_nll, iter_batches, perplexity, safe_exp
-
-    if not processes.distributed:
-        return perplexity(model, windows, batch_size=batch_size, device=device)
-    total, count = 0.0, 0
-    for ids in iter_batches(processes.share(windows), batch_size, device):
-        s, n = batch_nll(model, ids)  # logits a chunk of positions at a time
-        total, count = total + s, count + n
-    sums = processes.sum_(torch.tensor([total, float(count)], dtype=torch.float64))  # [Σ nll, Σ tokens]
-    total, count = float(sums[0]), int(sums[1])
-    if count == 0:
-        raise ValueError("no tokens to score: windows must be at least 2 tokens long")
-    nll = total / count
-    return {"ppl": safe_exp(nll), "nll": nll, "n_tokens": count}

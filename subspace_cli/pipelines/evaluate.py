@@ -64,7 +64,7 @@ def evaluation_text(config: EvalConfig) -> str:
 
 def _load(ref: str, config: EvalConfig, with_tokenizer: bool = True):
     """(the model on `--device`, or loaded on the CPU and spread over `--devices`; where inputs go in)."""
-    from subspace_cli.io.models import load_model_and_tokenizer
+    from subspace_cli.modules.loading import load_model_and_tokenizer
 
     loaded = load_model_and_tokenizer(ref, device="cpu" if config.devices else config.device, dtype=config.dtype,
                                       allow_pickle=config.allow_pickle, with_tokenizer=with_tokenizer)

@@ -1,6 +1,6 @@
 """Input Grams of mixture-of-experts experts, from the tokens the router sends to each expert.
 
-An experts module (io/discovery.py `ExpertSet`) is called as experts(x [T, H], top_k_index [T, K],
+An experts module (walk/experts.py `ExpertSet`) is called as experts(x [T, H], top_k_index [T, K],
 top_k_weights [T, K]). Expert e's gate_up_proj[e] [2I, H] sees x_t for the tokens t routed to e;
 its down_proj[e] [H, I] sees a_t = act(g_t)·u_t, (g_t, u_t) = gate_up_proj[e]·x_t, recomputed
 here from the current weights in a forward pre-hook.
@@ -22,15 +22,15 @@ Memory: per block, E·(H² + I²) float64 Grams, plus one H² pooled Gram per ex
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch.nn import functional as F
 
-from subspace_cli.io.discovery import ExpertSet
 from subspace_cli.linalg.gram import GramStats
+from subspace_cli.walk import ExpertSet
 
 ROUTING_WEIGHTED = True  # rows scaled by the routing weight (module docstring); the benchmark measures both
 GATE_UP, DOWN = "gate_up_proj", "down_proj"

@@ -13,14 +13,15 @@ from subspace_cli.linalg.gram import GramStats
 from subspace_cli.linalg.rank_allocation import MatrixSpec, factored_params
 from subspace_cli.linalg.tall_svd import tall_decompose, tall_factors, tall_relative_error
 from subspace_cli.linalg.truncation import Spectral, Transform, decompose, energy_kept, factors, weighted_relative_error
+from subspace_cli.methods.registry import Needs
 from subspace_cli.report.schema import MatrixReport
 
 
 def transform_for(weight: torch.Tensor, stats: GramStats | None, state, plain: bool = False) -> Transform:
     """The method's M for W·M; `plain` (or no statistics for a method that needs them) is the identity."""
-    if plain or (stats is None and "calibration" in state.method.needs):
+    if plain or (stats is None and Needs.CALIBRATION in state.method.needs):
         return Transform("identity")
-    return state.method.build(weight, stats, state.method_config)
+    return state.method.transform(weight, stats, state.method_config)
 
 
 def spectrum(weight: torch.Tensor, stats: GramStats | None, state, *, tall: bool = False,

@@ -13,7 +13,6 @@ kept, for the plot.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +21,7 @@ from pydantic import Field
 from subspace_cli.errors import UsageError
 from subspace_cli.pipelines.compress_config import RunOptions
 from subspace_cli.pipelines.config_paths import DATA, MODEL, OUTPUT
+from subspace_cli.report.plots import plot_spectra
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class InspectConfig(RunOptions):
 
 def validate(config: InspectConfig) -> None:
     """Everything checkable before loading weights (exit 2)."""
-    from subspace_cli.io.discovery import compile_pattern
+    from subspace_cli.walk import compile_pattern
 
     compile_pattern(config.targets, "--targets")
     compile_pattern(config.exclude, "--exclude")
@@ -96,11 +96,11 @@ def _calibration_grams(config: InspectConfig, loaded, timer) -> dict:
 def _inspect_matrices(config: InspectConfig, model, grams: dict | None, spectra: dict) -> list[dict]:
     import torch
 
-    from subspace_cli.io.discovery import block_linears, find_blocks, weight_matrix
     from subspace_cli.linalg.rank_allocation import MatrixSpec
     from subspace_cli.linalg.spectra import normalised_spectrum, singular_values
     from subspace_cli.linalg.whitening import cholesky_whitener
     from subspace_cli.pipelines.progress import progress_bar
+    from subspace_cli.walk import block_linears, find_blocks, weight_matrix
 
     blocks = find_blocks(model)
     rows = []
@@ -153,45 +153,9 @@ def summarise(rows: list[dict], prefix: str = "") -> dict:
     return out
 
 
-def plot_spectra(path: str, spectra: dict) -> None:
-    """σ_i/σ_1 against i/len (log y), one line per matrix, one colour per layer kind."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    panels = [("plain", "weight spectra")] + ([("whitened", "whitened spectra (W·L)")] if spectra.get("whitened") else [])
-    kinds = sorted({kind for kind, _ in spectra["plain"]})
-    cmap = plt.get_cmap("tab10" if len(kinds) <= 10 else "tab20")
-    colours = {kind: cmap(i % cmap.N) for i, kind in enumerate(kinds)}
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
-        for kind, s in spectra[key]:
-            x = np.arange(len(s)) / max(len(s), 1)
-            ax.plot(x, np.clip(s, 1e-12, None), color=colours[kind], alpha=0.6, linewidth=0.8)
-        ax.set_yscale("log")
-        ax.set_xlabel("i / number of singular values")
-        ax.set_ylabel("σ_i / σ_1")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-    handles = [plt.Line2D([], [], color=colours[k], label=k) for k in kinds]
-    axes[0][-1].legend(handles=handles, fontsize="small", loc="lower left")
-    fig.tight_layout()
-    # Written beside the target and renamed, so a failed write never leaves half an image at `path`.
-    target = Path(path).expanduser()
-    partial = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(partial, dpi=120, format=target.suffix.lstrip(".").lower())
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
-        plt.close(fig)
-
-
 def run_inspect(config: InspectConfig) -> dict:
     """Load the model, compute every matrix's spectrum summary; JSON-ready dict."""
-    from subspace_cli.io.models import load_model_and_tokenizer
+    from subspace_cli.modules.loading import load_model_and_tokenizer
     from subspace_cli.report.resources import StageTimer, peak_device_mb, peak_rss_mb
 
     validate(config)

@@ -19,26 +19,27 @@ from pathlib import Path
 
 import torch
 
-from subspace_cli import __version__
 from subspace_cli.errors import UsageError
-from subspace_cli.io.checkpoint import COPIED_FILES
 from subspace_cli.io.devices import check_device
 from subspace_cli.io.lazy_checkpoint import compare_layouts
 from subspace_cli.io.lora_checkpoint import LoraCheckpoint
 from subspace_cli.io.models import load_tokenizer
-from subspace_cli.io.output_dir import atomic_output_dir, check_output_dir
+from subspace_cli.io.output_dir import check_output_dir
 from subspace_cli.io.planned_writer import PlannedShardWriter, TensorSpec
 from subspace_cli.io.sharded_writer import shard_size_bytes
-from subspace_cli.methods.merge.base import TensorInputs, merged_sparsity, task_vector_stats
-from subspace_cli.methods.registry import get_method
-from subspace_cli.pipelines.config_paths import input_refs, stored_recipe
+from subspace_cli.methods.catalog import get_method
+from subspace_cli.methods.merge.base import (MergeContext, ModelMerge, PreparedMerge, TensorInputs, merged_sparsity,
+                                             task_vector_stats)
+from subspace_cli.methods.registry import Needs
+from subspace_cli.modules.checkpoint import COPIED_FILES
+from subspace_cli.pipelines.config_paths import input_refs
+from subspace_cli.pipelines.lifecycle import measured, report_fields, write_output
 from subspace_cli.pipelines.merge_config import MergeConfig
-from subspace_cli.pipelines.merge_inputs import (
-    input_labels, model_dir, check_vocabularies, eval_windows, open_inputs, require_finite, task_batches,
-)
+from subspace_cli.pipelines.merge_inputs import (check_vocabularies, eval_windows, input_labels, model_dir, open_inputs,
+                                                 require_finite, task_batches)
 from subspace_cli.pipelines.progress import progress_bar
-from subspace_cli.report.render import write_outputs
-from subspace_cli.report.resources import StageTimer, peak_device_mb, peak_rss_mb
+from subspace_cli.report.plots import plot_mask_density
+from subspace_cli.report.resources import StageTimer
 from subspace_cli.report.schema import MergeReport, MergeTensorReport, Report
 
 log = logging.getLogger(__name__)
@@ -63,18 +64,16 @@ def validate(config: MergeConfig):
     method_config = method.make_config(config.options)
     if len(config.models) < 2:
         raise UsageError(f"merging needs at least two models, got {len(config.models)}: {', '.join(config.models) or 'none'}")
-    if "base" in method.needs and config.base is None:
+    if Needs.BASE in method.needs and config.base is None:
         raise UsageError(f"--method {config.method} needs the base model the inputs were fine-tuned from; pass --base")
     weights = _per_model(config.weights, len(config.models), "--weights", 1.0)
     densities = _per_model(config.density, len(config.models), "--density", 1.0)
-    if getattr(method_config, "normalize", False) and config.method == "linear" and sum(weights) == 0:
-        raise UsageError(f"--weights {','.join(f'{w:g}' for w in weights)} sum to 0 and linear divides by their sum; "
-                         "change the weights or pass -O normalize=false")
+    method.check(method_config, weights)
     for value in densities:
         if not 0.0 < value <= 1.0:
             raise UsageError(f"--density {value:g} is outside (0, 1]; it is the fraction of each task vector kept")
-    if config.method == "concrete" and len(config.data) != len(config.models):
-        raise UsageError(f"--method concrete trains its mask on unlabeled text of each task: pass --data once per "
+    if Needs.TASK_DATA in method.needs and len(config.data) != len(config.models):
+        raise UsageError(f"--method {config.method} trains on unlabeled text of each task: pass --data once per "
                          f"model, in model order ({len(config.models)} models, {len(config.data)} --data)")
     for pair in config.eval:
         task, sep, source = pair.partition("=")
@@ -142,7 +141,7 @@ def stream_merge(config: MergeConfig, method, method_config, base, inputs, weigh
             if replaced is not None and name in replaced:
                 merged = replaced[name]
             else:
-                merged = method.build(TensorInputs(
+                merged = method.merge(TensorInputs(
                     name=name, base=base_t, models=models, weights=weights, densities=densities,
                     generator=torch.Generator().manual_seed(_tensor_seed(config.seed, name))), method_config)
             if not torch.isfinite(merged).all():
@@ -167,67 +166,31 @@ def _write_config(reference_dir: Path, out: Path, config: MergeConfig) -> None:
         (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-# ----------------------------------------------------------------------------- concrete
+# ----------------------------------------------------------------------------- model-level merges
 
 
-def concrete_merge(config: MergeConfig, method_config, base, inputs, weights, timer: StageTimer):
-    """Train the shared mask on the base model in memory; returns (merged targeted tensors, densities, losses, notes)."""
-    from subspace_cli.io.models import load_model_and_tokenizer
-    from subspace_cli.methods.merge.concrete import fit_concrete_mask, select_targets
+def prepare_model_merge(config: MergeConfig, method: ModelMerge, method_config, base, inputs, weights,
+                        timer: StageTimer) -> PreparedMerge:
+    """Hand a ModelMerge the inputs before streaming (e.g. concrete trains its mask on the base in memory)."""
+    from subspace_cli.modules.loading import load_model_and_tokenizer
 
-    with timer.stage("load"):
+    def load_base():
         loaded = load_model_and_tokenizer(str(model_dir(base)), dtype="float32", device=config.device,
                                           allow_pickle=config.allow_pickle)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    if tokenizer is None:
-        raise UsageError(f"base '{config.base}' has no tokenizer files; concrete needs them to read --data")
-    with timer.stage("data"):
-        batches = task_batches(config, tokenizer)
-    names = select_targets(model, method_config.targets)
-    stored = stored_names(model, names, base)
-    task_vectors = {}
-    for name in names:
-        theta0 = _read_finite(base, stored[name], config.base)
-        task_vectors[name] = [w * (_read_finite(checkpoint, stored[name], label) - theta0)
-                              for checkpoint, w, label in zip(inputs, weights, input_labels(config.models))]
-    with timer.stage("mask"), progress_bar("training the concrete mask", total=method_config.steps) as advance:
-        result = fit_concrete_mask(model, task_vectors, batches, method_config,
-                                   torch.Generator().manual_seed(config.seed), progress=lambda step, loss: advance())
-    notes = [f"concrete: the mask of {name} kept nothing; the tensor stays at the base" for name in result.dropped]
-    del model, loaded, task_vectors
-    merged = {stored[name]: tensor for name, tensor in result.merged.items()}
-    density = {stored[name]: value for name, value in result.density.items()}
-    return merged, density, result.losses, notes
+        return loaded.model, loaded.tokenizer
 
-
-def stored_names(model, names: list[str], checkpoint) -> dict[str, str]:
-    """{parameter name in the model: its tensor's name in the checkpoint}. transformers renames some
-    tensors on load (Mixtral's block_sparse_moe.gate -> mlp.gate) and fuses others (per-expert w1 / w3 / w2
-    into mlp.experts.gate_up_proj [E, 2I, H] / down_proj): a rename maps back one to one through its own
-    reverse conversion; a parameter the checkpoint stores as several tensors cannot carry one mask."""
-    from transformers.core_model_loading import revert_weight_conversion
-
-    out = {}
-    for name in names:
-        if name in checkpoint:
-            out[name] = name
-            continue
-        shape = tuple(model.get_parameter(name).shape)
-        stored = {k: tuple(v.shape) for k, v in
-                  revert_weight_conversion(model, {name: torch.empty(shape, device="meta")}).items()}
-        if len(stored) != 1 or next(iter(stored)) not in checkpoint or next(iter(stored.values())) != shape:
-            raise UsageError(f"concrete targets '{name}' {list(shape)}, which the checkpoint stores as "
-                             f"{', '.join(list(stored)[:2])}{' ...' if len(stored) > 2 else ''} (e.g. MoE experts kept "
-                             "per expert): narrow -O targets to tensors stored as the model holds them")
-        out[name] = next(iter(stored))
-    return out
+    context = MergeContext(
+        base=base, inputs=inputs, labels=input_labels(config.models), base_label=str(config.base), weights=weights,
+        seed=config.seed, load_base=load_base, task_batches=lambda tokenizer: task_batches(config, tokenizer),
+        read=_read_finite, stage=timer.stage, progress=progress_bar)
+    return method.prepare(context, method_config)
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
 def _load_for_eval(checkpoint, config: MergeConfig):
-    from subspace_cli.io.models import load_model_and_tokenizer
+    from subspace_cli.modules.loading import load_model_and_tokenizer
 
     if isinstance(checkpoint, LoraCheckpoint):
         from peft import PeftModel
@@ -252,7 +215,7 @@ def evaluate_merge(config: MergeConfig, merged_dir: Path, base, inputs, labels: 
     table: dict[str, dict[str, float]] = {task: {} for task, _ in tasks}
     with progress_bar("evaluating models", total=len(candidates) * len(tasks)) as advance:
         for label, checkpoint in candidates:
-            from subspace_cli.io.models import load_model_and_tokenizer
+            from subspace_cli.modules.loading import load_model_and_tokenizer
 
             model = (load_model_and_tokenizer(str(merged_dir), with_tokenizer=False, device=config.device).model.eval()
                      if checkpoint is None else _load_for_eval(checkpoint, config))
@@ -270,25 +233,6 @@ def evaluate_merge(config: MergeConfig, merged_dir: Path, base, inputs, labels: 
         merge.normalised = {
             label: sum(table[task][label] / table[task][merge.specialists[task]] for task, _ in tasks) / len(tasks)
             for label in table[tasks[0][0]]}
-
-
-def plot_mask_density(merge: MergeReport, path: Path) -> None:
-    """Mask density per targeted tensor, in checkpoint order (concrete)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [t for t in merge.tensors if t.mask_density is not None]
-    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.08), 3.5))
-    ax.bar(range(len(rows)), [t.mask_density for t in rows], width=1.0)
-    ax.set_xlabel("targeted tensor (checkpoint order)")
-    ax.set_ylabel("mask density")
-    ax.set_ylim(0, 1)
-    ax.set_title("concrete mask density per tensor")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- the verb
@@ -311,31 +255,28 @@ def run_merge(config: MergeConfig) -> Report:
             # bad source fails before the merge rather than after it.
             windows = eval_windows(config, load_tokenizer(model_dir(reference))) if config.eval else {}
         merge = MergeReport(base=config.base, models=list(config.models), weights=weights, densities=densities)
-        replaced = density = None
-        if config.method == "concrete":
-            replaced, density, merge.mask_losses, concrete_notes = concrete_merge(
-                config, method_config, base, inputs, weights, timer)
-            notes += concrete_notes
-            # Tensors outside the mask merge by task arithmetic with the same λ (an all-ones mask there).
-            method = get_method("merge", "task-arithmetic")
-            method_config = method.make_config({"lambda": method_config.lambda_})
-        out = Path(config.out)
-        with atomic_output_dir(out, config.overwrite, input_refs(config)) as tmp:
+        prepared = PreparedMerge(replaced={})
+        if isinstance(method, ModelMerge):
+            prepared = prepare_model_merge(config, method, method_config, base, inputs, weights, timer)
+            merge.mask_losses = prepared.losses
+            notes += prepared.notes
+        def write(tmp: Path) -> Report:
             layout = output_layout(config, reference)
             with timer.stage("merge"), PlannedShardWriter(tmp, shard_size_bytes(config.shard_size), layout) as writer:
                 merge.tensors = stream_merge(config, method, method_config, base, inputs, weights, densities, writer,
-                                             replaced, density)
+                                             prepared.replaced, prepared.mask_density)
                 shards = writer.finish()
             _write_config(model_dir(reference), tmp, config)
-            if config.method == "concrete":
-                plot_mask_density(merge, tmp / "mask_density.png")
+            if prepared.mask_density:
+                plot_mask_density(merge.tensors, tmp / "mask_density.png", title=f"{config.method} mask density per tensor")
             if config.eval:
                 with timer.stage("evaluate"):
                     evaluate_merge(config, tmp, base, inputs, labels, merge, notes, windows)
             report = Report(
-                tool_version=__version__, verb="merge", model=config.base or config.models[0], method=config.method,
-                options=config.options, merge=merge, timings_s=timer.seconds, peak_rss_mb=round(peak_rss_mb(), 1),
-                peak_device_mb=peak_device_mb(), notes=notes,
-                output={"path": str(out), "shards": shards.get("shards"), "bytes": shards.get("total_bytes")})
-            write_outputs(tmp, report, stored_recipe("merge", config))
+                **report_fields("merge", config, method_config, model=config.base or config.models[0]), merge=merge,
+                notes=notes, output={"path": str(config.out), "shards": shards.get("shards"),
+                                     "bytes": shards.get("total_bytes")})
+            return measured(report, timer)
+
+        report = write_output("merge", config, write)
     return report

@@ -20,9 +20,14 @@ from typing import Any
 
 from subspace_cli.errors import UsageError
 from subspace_cli.io.yaml_files import read_yaml_mapping
+from subspace_cli.methods.catalog import methods_for
 
-MERGEKIT_METHODS = {"linear": "linear", "task_arithmetic": "task-arithmetic", "ties": "ties",
-                    "dare_linear": "dare-linear", "dare_ties": "dare-ties"}
+
+def mergekit_methods() -> dict[str, str]:
+    """mergekit merge_method -> the registered merge method with its semantics (TensorMerge.mergekit)."""
+    return {m.mergekit: name for name, m in methods_for("merge").items() if m.mergekit}
+
+
 # mergekit options that only change how mergekit computes, not the result.
 _MERGEKIT_IGNORED = {"int8_mask"}
 _MERGEKIT_GLOBAL = {"normalize", "lambda", "rescale"} | _MERGEKIT_IGNORED
@@ -59,9 +64,11 @@ def _from_mergekit(data: dict, path: Path) -> dict[str, Any]:
         raise UsageError(f"mergekit config '{path}': key '{unknown[0]}' is not supported{hint}; "
                          f"supported: {', '.join(sorted(_MERGEKIT_TOP))}")
     method = data["merge_method"]
-    if method not in MERGEKIT_METHODS:
+    counterparts = mergekit_methods()
+    if method not in counterparts:
+        others = ", ".join(name for name, m in methods_for("merge").items() if m.mergekit is None)
         raise UsageError(f"mergekit config '{path}': merge_method '{method}' has no counterpart here; "
-                         f"supported: {', '.join(MERGEKIT_METHODS)} (or write a subspace merge config for tsv, iso-c, concrete)")
+                         f"supported: {', '.join(counterparts)} (or write a subspace merge config for {others})")
     source = data.get("tokenizer_source") or (data.get("tokenizer") or {}).get("source")
     if source not in (None, "base"):
         raise UsageError(f"mergekit config '{path}': tokenizer source '{source}' is not supported; the tokenizer "
@@ -87,7 +94,7 @@ def _from_mergekit(data: dict, path: Path) -> dict[str, Any]:
         weights.append(_scalar(params.get("weight", 1.0), f"models[{i}].weight", path))
         densities.append(_scalar(params.get("density", 1.0), f"models[{i}].density", path))
     options = {key: value for key, value in defaults.items() if key in _MERGEKIT_GLOBAL - _MERGEKIT_IGNORED}
-    values: dict[str, Any] = {"method": MERGEKIT_METHODS[method], "models": models, "weights": weights,
+    values: dict[str, Any] = {"method": counterparts[method], "models": models, "weights": weights,
                               "density": densities, "options": options}
     if base is not None:
         values["base"] = _model_ref(base)

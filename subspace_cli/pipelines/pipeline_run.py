@@ -15,36 +15,18 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 from subspace_cli import lifecycle
 from subspace_cli.errors import GateFailed, SubspaceError, UsageError
-from subspace_cli.pipelines.recipes import Plan, PlannedStep
+from subspace_cli.pipelines.recipes import Plan, PlannedStep, load_recipe
+from subspace_cli.pipelines.verbs import VERBS
 
 log = logging.getLogger(__name__)
 
 PIPELINE_FILE = "pipeline.yaml"
-
-
-def runners() -> dict[str, Callable[[Any], Any]]:
-    from subspace_cli.pipelines.adapt import run_adapt
-    from subspace_cli.pipelines.compress import run_compress
-    from subspace_cli.pipelines.evaluate import run_eval
-    from subspace_cli.pipelines.inspect import run_inspect
-    from subspace_cli.pipelines.merge import run_merge
-    from subspace_cli.pipelines.unlearn import run_unlearn
-
-    return {"compress": run_compress, "adapt": run_adapt, "merge": run_merge, "unlearn": run_unlearn,
-            "eval": run_eval, "inspect": run_inspect}
-
-
-def _validators() -> dict[str, Callable[[Any], Any]]:
-    from subspace_cli.pipelines import adapt, compress, evaluate, inspect, merge, unlearn
-
-    return {"compress": compress.validate, "adapt": adapt.validate, "merge": merge.validate,
-            "unlearn": unlearn.validate, "eval": evaluate.validate, "inspect": inspect.validate}
 
 
 def _inside(path: Path, directories: list[Path]) -> bool:
@@ -65,11 +47,10 @@ def _checkable(step: PlannedStep, produced: list[Path]):
 def check_steps(plan: Plan) -> None:
     """Each verb's pre-load checks (method names and options, gate fields, output directories) for
     every step before the first one runs: a mistake in step 4 should not cost steps 1 to 3."""
-    validators = _validators()
     produced: list[Path] = []
     for step in plan.steps:
         try:
-            validators[step.verb](_checkable(step, produced))
+            VERBS[step.verb].validate(_checkable(step, produced))
         except UsageError as exc:
             named = f"step '{step.name}' ({step.verb})" if plan.pipeline else f"({step.verb})"
             exc.args = (f"recipe '{plan.source}' {named}: {exc}",)
@@ -116,13 +97,12 @@ def write_pipeline_recipe(plan: Plan, directory: Path) -> Path:
 
 
 def run_plan(plan: Plan) -> PipelineResult:
-    run = runners()
     outcomes: list[StepOutcome] = []
     written: str | None = None
     for i, step in enumerate(plan.steps):
         log.info("step %d/%d '%s': subspace %s", i + 1, len(plan.steps), step.name, step.verb)
         try:
-            result = run[step.verb](step.config)
+            result = VERBS[step.verb].run(step.config)
         except SubspaceError as exc:
             raise _stopped(exc, plan, step, outcomes, written)
         except KeyboardInterrupt:
@@ -153,3 +133,16 @@ def _stopped(exc: SubspaceError, plan: Plan, step: PlannedStep, outcomes: list[S
     exc.summary = summary
     exc.outcomes, exc.n_steps = outcomes, len(plan.steps)  # for the people-readable rendering of what did run
     return exc
+
+
+def run_recipe(path: Path, overrides: list[str], dry_run: bool = False):
+    """Validate everything first; then the single step's result, or a PipelineResult."""
+    lifecycle.add_input("recipe", path)  # no step's output may replace the file that describes the run
+    plan = load_recipe(path, overrides)
+    check_steps(plan)  # each verb's own pre-load checks (method names, options, output dirs), for every step
+    if dry_run:
+        return plan.to_dict()
+    if not plan.pipeline:
+        step = plan.steps[0]
+        return VERBS[step.verb].run(step.config)
+    return run_plan(plan)

@@ -21,7 +21,7 @@ from torch import nn
 
 from subspace_cli.errors import UsageError
 from subspace_cli.io.devices import check_device
-from subspace_cli.io.discovery import find_blocks
+from subspace_cli.walk import find_blocks
 
 HEADROOM = 0.9  # the weights may take this fraction of a GPU's free memory; activations need the rest
 

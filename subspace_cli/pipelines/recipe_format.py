@@ -4,35 +4,23 @@ Single step, as every output's recipe.yaml:   {verb: NAME, config: {...}}
 Pipeline, steps run in order:                 {vars: {...}, steps: [{name, verb, config}, ...]}
 
 Importing this module must not import torch: `subspace run --dry-run` and `subspace schema`
-only need the verbs' config classes, which live in torch-free modules.
+only need the verbs' config classes (pipelines/verbs.py), which live in torch-free modules.
 """
 
 from __future__ import annotations
 
-import difflib
-from typing import Any, Iterable, Literal
+from collections.abc import Iterable
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from subspace_cli.errors import UsageError
+from subspace_cli.errors import UsageError, did_you_mean
+from subspace_cli.pipelines.verbs import VERBS
 
-VERBS = ("compress", "adapt", "merge", "unlearn", "eval", "inspect")
-Verb = Literal["compress", "adapt", "merge", "unlearn", "eval", "inspect"]
+VERB_NAMES = tuple(VERBS)
+Verb = Literal[VERB_NAMES]  # type: ignore[valid-type]  # the verbs of pipelines/verbs.py
 # Names appear inside `${NAME}` and `${STEP.FIELD}`, so no dots or braces.
 NAME = r"^[A-Za-z_][A-Za-z0-9_-]*$"
-
-
-def config_classes() -> dict[str, type[BaseModel]]:
-    """verb -> its pydantic config class (torch-free imports only)."""
-    from subspace_cli.pipelines.adapt_config import AdaptConfig
-    from subspace_cli.pipelines.compress_config import CompressConfig
-    from subspace_cli.pipelines.evaluate import EvalConfig
-    from subspace_cli.pipelines.inspect import InspectConfig
-    from subspace_cli.pipelines.merge_config import MergeConfig
-    from subspace_cli.pipelines.unlearn_config import UnlearnConfig
-
-    return {"compress": CompressConfig, "adapt": AdaptConfig, "merge": MergeConfig, "unlearn": UnlearnConfig,
-            "eval": EvalConfig, "inspect": InspectConfig}
 
 
 class SingleStepRecipe(BaseModel):
@@ -59,11 +47,6 @@ class PipelineRecipe(BaseModel):
     steps: list[Step] = Field(min_length=1, description="the steps, run in order; a gate failure stops the pipeline (exit 1)")
 
 
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def unknown(kind: str, word: str, choices: Iterable[str], where: str) -> UsageError:
     """`WHERE: unknown KIND 'word' (did you mean 'x'?); valid: a, b` (exit 2)."""
     choices = list(choices)
@@ -87,7 +70,7 @@ def build(model: type[BaseModel], values: dict, where: str, kind: str = "field")
         if err["type"] == "missing":
             raise UsageError(f"{where}: missing required {kind} '{loc}'") from exc
         if err["type"] == "literal_error" and err["loc"] and err["loc"][-1] == "verb":
-            raise unknown("verb", err["input"], VERBS, where) from exc
+            raise unknown("verb", err["input"], VERB_NAMES, where) from exc
         if not loc:  # a check across fields (a model validator): its message says what to fix
             raise UsageError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from exc
         # Recipe fields by their recipe names (the command line names its flags: cli/options.py).

@@ -11,11 +11,11 @@ exit 2 naming the cycle. Step configs are then substituted in one pass.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
-from subspace_cli.errors import UsageError
-from subspace_cli.pipelines.recipe_format import did_you_mean
+from subspace_cli.errors import UsageError, did_you_mean
 
 REFERENCE = re.compile(r"\$\{([^{}]*)\}")
 TARGET = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?$")

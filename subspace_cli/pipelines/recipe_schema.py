@@ -13,7 +13,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from subspace_cli.pipelines.recipe_format import PipelineRecipe, SingleStepRecipe, Step, config_classes
+from subspace_cli.methods.catalog import methods_for
+from subspace_cli.methods.registry import VERBS_WITH_METHODS
+from subspace_cli.pipelines.recipe_format import PipelineRecipe, SingleStepRecipe, Step
+from subspace_cli.pipelines.verbs import config_classes
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 REFERENCE = {
@@ -74,12 +77,32 @@ def _for_verb(model, verb: str, config_def: str) -> dict[str, Any]:
     return schema
 
 
+def _with_methods(schema: dict[str, Any], verb: str, defs: dict[str, Any]) -> dict[str, Any]:
+    """`method` limited to the verb's registered methods; `options` to one of their option sets."""
+    methods = methods_for(verb)
+    schema["properties"]["method"]["enum"] = list(methods)
+    choices = []
+    for name, method in methods.items():
+        options = method.config_class.model_json_schema(ref_template="#/$defs/{model}", by_alias=True)
+        defs.update(options.pop("$defs", {}))
+        options["title"] = f"{verb} --method {name} options"
+        options["description"] = method.summary
+        key = f"MethodOptions-{verb}-{name}"
+        defs[key] = options
+        choices.append(_ref(key))
+    described = {k: schema["properties"]["options"][k] for k in _HOISTED if k in schema["properties"]["options"]}
+    schema["properties"]["options"] = {**described, "anyOf": choices}
+    return schema
+
+
 def recipe_schema() -> dict[str, Any]:
     defs: dict[str, Any] = {"Reference": REFERENCE}
     single, steps = [], []
     for verb, config_class in config_classes().items():
         schema = config_class.model_json_schema(ref_template="#/$defs/{model}")
         defs.update(schema.pop("$defs", {}))
+        if verb in VERBS_WITH_METHODS:
+            schema = _with_methods(schema, verb, defs)
         schema = _lenient(schema)
         name = config_class.__name__
         defs[name] = schema

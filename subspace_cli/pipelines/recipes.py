@@ -8,20 +8,25 @@ or flow collections (`--set steps=3`, `--set data=[a.txt,b.txt]`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel
 
-from subspace_cli.errors import UsageError
-from subspace_cli.io.yaml_files import load_strict, read_yaml_mapping, yaml_problem
-from subspace_cli.pipelines.config_paths import absolute_recipe
-from subspace_cli.pipelines.recipe_format import (
-    PipelineRecipe, SingleStepRecipe, Step, build, check_keys, config_classes, did_you_mean, unknown,
-)
+from subspace_cli.errors import UsageError, did_you_mean
+from subspace_cli.io.yaml_files import parse_key_value, read_yaml_mapping
+from subspace_cli.pipelines.config_paths import absolute_config
+from subspace_cli.pipelines.recipe_format import PipelineRecipe, SingleStepRecipe, Step, build, check_keys, unknown
 from subspace_cli.pipelines.recipe_refs import Scope, resolve_vars, substitute, targets
+from subspace_cli.pipelines.verbs import config_classes
+
+
+def absolute_recipe(recipe: dict[str, Any], local_roots: Iterable[str | Path] = ()) -> dict[str, Any]:
+    """A single-step recipe {verb, config} (or a pipeline step {name, verb, config}), paths absolute."""
+    config_class = config_classes()[recipe["verb"]]
+    return {**recipe, "config": absolute_config(config_class, recipe["config"], local_roots)}
 
 
 @dataclass(frozen=True)
@@ -74,19 +79,6 @@ def read_recipe(path: Path) -> dict:
     return read_yaml_mapping(path, "recipe", FORMS)
 
 
-def parse_set(pair: str, what: str) -> tuple[str, Any]:
-    """`--set KEY=VALUE` into (KEY, VALUE read as YAML); `what` says what KEY may be, for messages."""
-    key, sep, raw = pair.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise UsageError(f"--set '{pair}' is not KEY=VALUE; write {what}")
-    try:
-        return key, load_strict(raw)
-    except yaml.YAMLError as exc:
-        raise UsageError(f"--set '{pair}': value is not valid YAML: {yaml_problem(exc)}; write a YAML "
-                         "scalar or flow list, e.g. --set data=[a.txt,b.txt]") from exc
-
-
 def load_recipe(path: Path, overrides: list[str]) -> Plan:
     data = read_recipe(path)
     where = f"recipe '{path}'"
@@ -105,7 +97,7 @@ def _single_step(data: dict, overrides: list[str], where: str, source: str) -> P
     check_keys(recipe.config, config_class, here)
     values = dict(recipe.config)
     for pair in overrides or []:
-        key, value = parse_set(pair, f"FIELD=VALUE for a {recipe.verb} field, e.g. --set out=DIR")
+        key, value = parse_key_value(pair, "--set", f"FIELD=VALUE for a {recipe.verb} field, e.g. --set out=DIR")
         check_keys({key.replace("-", "_"): value}, config_class, f"--set '{pair}' ({recipe.verb} recipe)")
         values[key.replace("-", "_")] = value
     config = build(config_class, values, here)  # messages name the recipe field; the command line names flags
@@ -162,7 +154,7 @@ def _split_overrides(pairs: list[str], recipe: PipelineRecipe, names: list[str])
     var_sets: dict[str, Any] = {}
     field_sets: dict[str, dict[str, Any]] = {name: {} for name in names}
     for pair in pairs or []:
-        key, value = parse_set(pair, "NAME=VALUE for a var, or STEP.FIELD=VALUE for one step's field")
+        key, value = parse_key_value(pair, "--set", "NAME=VALUE for a var, or STEP.FIELD=VALUE for one step's field")
         step, dot, field = key.partition(".")
         if dot:
             if step not in field_sets:
@@ -188,19 +180,3 @@ def _check_outputs(steps: list[PlannedStep], where: str) -> None:
             raise UsageError(f"{where}: steps '{seen[path]}' and '{step.name}' both write '{step.out}'; "
                              "give each step its own out")
         seen[path] = step.name
-
-
-def run_recipe(path: Path, overrides: list[str], dry_run: bool = False):
-    """Validate everything first; then the single step's result, or a PipelineResult."""
-    from subspace_cli import lifecycle
-    from subspace_cli.pipelines.pipeline_run import check_steps, run_plan, runners
-
-    lifecycle.add_input("recipe", path)  # no step's output may replace the file that describes the run
-    plan = load_recipe(path, overrides)
-    check_steps(plan)  # each verb's own pre-load checks (method names, options, output dirs), for every step
-    if dry_run:
-        return plan.to_dict()
-    if not plan.pipeline:
-        step = plan.steps[0]
-        return runners()[step.verb](step.config)
-    return run_plan(plan)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -27,28 +28,19 @@ from subspace_cli import lifecycle
 from subspace_cli.errors import RuntimeFailure, UsageError
 from subspace_cli.evaluate.chunked_logits import BatchLogits, causal_lm_loss
 from subspace_cli.io.training_data import TokenBatchSet
+from subspace_cli.pipelines.adapt_config import TrainOptions
 from subspace_cli.pipelines.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    steps: int
-    lr: float
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    precision: str = "fp32"
-    gradient_checkpointing: bool = False
-    eval_every: int = 25
-    eval_rows: int | None = None
-    save_every: int = 0
+class TrainSettings(TrainOptions):
+    """One run's training settings: adapt's TrainOptions with the learning rate resolved, plus where
+    checkpoints go and what identifies the run."""
+
+    lr: float = Field(gt=0)  # resolved: --lr or the method's default
     checkpoint_dir: Path | None = None
     resume: Path | None = None
-    seed: int = 0
     fingerprint: str = ""  # identifies the run's configuration; a checkpoint from another run is refused
 
 

@@ -13,23 +13,22 @@ from pathlib import Path
 
 import torch
 
-from subspace_cli import __version__
 from subspace_cli.errors import RuntimeFailure, UsageError
 from subspace_cli.evaluate.membership import membership_auc
 from subspace_cli.evaluate.perplexity import check_seqlen, is_causal_lm, perplexity
 from subspace_cli.io import data as text_data
-from subspace_cli.io.checkpoint import write_checkpoint
-from subspace_cli.io.models import load_model_and_tokenizer
-from subspace_cli.io.output_dir import atomic_output_dir, check_output_dir
+from subspace_cli.io.output_dir import check_output_dir
 from subspace_cli.io.sharded_writer import shard_size_bytes
-from subspace_cli.methods.registry import get_method
+from subspace_cli.methods.catalog import get_method
 from subspace_cli.methods.unlearn.base import UnlearnData
-from subspace_cli.pipelines.config_paths import input_refs, stored_recipe
+from subspace_cli.modules.checkpoint import write_checkpoint
+from subspace_cli.modules.loading import load_model_and_tokenizer
+from subspace_cli.pipelines.config_paths import input_refs
 from subspace_cli.pipelines.distributed import Processes, current_processes
+from subspace_cli.pipelines.lifecycle import measured, report_fields, write_output
 from subspace_cli.pipelines.progress import progress_bar
 from subspace_cli.pipelines.unlearn_config import UnlearnConfig
-from subspace_cli.report.render import write_outputs
-from subspace_cli.report.resources import StageTimer, peak_device_mb, peak_rss_mb
+from subspace_cli.report.resources import StageTimer
 from subspace_cli.report.schema import ChangedTensor, PerplexityReport, Report, UnlearnReport
 
 log = logging.getLogger(__name__)
@@ -199,7 +198,7 @@ def run_unlearn(config: UnlearnConfig) -> Report:
     with timer.stage("eval_before"):
         before = _scores(model, sets, config)
     with timer.stage("prepare"):
-        plan = method.build(model, sets.train, method_config, torch.Generator().manual_seed(config.seed))
+        plan = method.plan(model, sets.train, method_config, torch.Generator().manual_seed(config.seed))
     notes.extend(plan.notes)  # e.g. what the block-layout probe found (methods/unlearn/architecture.py)
     model.train(False)  # no dropout: the steps are deterministic
     with timer.stage("unlearn"):
@@ -223,8 +222,7 @@ def run_unlearn(config: UnlearnConfig) -> Report:
     diagnostics = {k: v for k, v in plan.diagnostics.items() if not isinstance(v, torch.Tensor)}
     out = Path(config.out)
     report = Report(
-        tool_version=__version__, verb="unlearn", model=config.model, method=config.method,
-        options=method_config.model_dump(mode="json"),
+        **report_fields("unlearn", config, method_config),
         perplexity={name: PerplexityReport(before=before[name], after=after[name], ratio=after[name] / before[name],
                                            n_tokens=int(windows.numel()))
                     for name, windows in (("forget", sets.forget_eval), ("retain", sets.retain_eval))},
@@ -232,13 +230,10 @@ def run_unlearn(config: UnlearnConfig) -> Report:
                               unchanged=unchanged, mia_auc_before=before["mia"], mia_auc_after=after["mia"],
                               losses=curve, diagnostics=diagnostics),
         notes=notes, output={"path": str(out)})
-    if processes.is_main:  # under a launcher, one process writes; the others wait for it
-        with atomic_output_dir(out, config.overwrite, input_refs(config)) as tmp:
-            with timer.stage("write"):
-                write_checkpoint(model, tmp, source_dir=loaded.path, max_shard_size=shard_size_bytes(config.shard_size))
-            report.timings_s = timer.seconds
-            report.peak_rss_mb = round(peak_rss_mb(), 1)
-            report.peak_device_mb = peak_device_mb()
-            write_outputs(tmp, report, stored_recipe("unlearn", config))
-    processes.barrier()
-    return report
+    def write(tmp: Path) -> Report:
+        with timer.stage("write"):
+            write_checkpoint(model, tmp, source_dir=loaded.path, max_shard_size=shard_size_bytes(config.shard_size))
+        return measured(report, timer)
+
+    write_output("unlearn", config, write, processes)  # the main process writes; the others wait in it
+    return measured(report, timer)

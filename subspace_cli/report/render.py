@@ -47,7 +47,10 @@ def to_markdown(report: Report) -> str:
         lines += _experts_section(report)
     if report.matrices:
         lines += _matrix_table(report)
-    lines += ["## Options", "", "```yaml", yaml.safe_dump(report.options, sort_keys=False).rstrip(), "```", ""]
+    if report.method_options:
+        lines += ["## Method options", "", "```yaml", yaml.safe_dump(report.method_options, sort_keys=False).rstrip(),
+                  "```", ""]
+    lines += ["## Options", "", "```yaml", yaml.safe_dump(report.config, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
 
 
@@ -195,3 +198,62 @@ def print_report(report: Report) -> None:
     console.print(f"time: {stages}; peak RSS {report.peak_rss_mb:.0f} MiB")
     for note in report.notes:
         console.print(f"note: {note}")
+
+
+def print_eval(result: dict) -> None:
+    """`subspace eval`'s summary: a metric table, then each gate."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['model']} on {result['data']} ({result['split']})", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("ppl", "nll", "baseline_ppl", "ppl_ratio", "kl", "embedding_similarity", "n_tokens", "n_windows"):
+        if key in result:
+            value = result[key]
+            table.add_row(key, f"{value:,}" if isinstance(value, int) else f"{value:.6g}")
+    console = Console()
+    console.print(table)
+    if result.get("note"):
+        console.print(result["note"])
+    for gate in result.get("gates", []):
+        status = "[red]FAIL[/red]" if gate["failed"] else "[green]pass[/green]"
+        console.print(f"{status}  fail-if {gate['condition']}  ({gate['field']} = {gate['value']:.6g})")
+
+
+def print_inspect(result: dict) -> None:
+    """`subspace inspect`'s summary: one row per matrix, then the totals."""
+    from rich.console import Console
+    from rich.table import Table
+
+    whitened = result["calibration"] is not None
+    table = Table(title=f"{result['model']} ({result['architecture']})", title_justify="left")
+    for col in ("block", "matrix", "shape", "erank", "r90", "r99", "even"):
+        table.add_column(col, justify="left" if col == "matrix" else "right")
+    if whitened:
+        for col in ("w-erank", "w-r90", "w-r99"):
+            table.add_column(col, justify="right")
+    for row in result["matrices"]:
+        cells = [str(row["block"]), row["kind"], "×".join(map(str, row["shape"])), f"{row['effective_rank']:.1f}",
+                 str(row["rank_90"]), str(row["rank_99"]), str(row["break_even_rank"])]
+        if whitened:
+            cells += [f"{row.get('whitened_effective_rank', float('nan')):.1f}",
+                      str(row.get("whitened_rank_90", "-")), str(row.get("whitened_rank_99", "-"))]
+        table.add_row(*cells)
+    console = Console()
+    console.print(table)
+    console.print("erank: effective rank; r90 / r99: rank keeping 90% / 99% of the energy; even: break-even rank"
+                  + ("; w-: on the whitened spectrum (W·L)" if whitened else ""))
+    summary = result["summary"]
+    console.print(
+        f"{summary['n_matrices']} matrices, {summary['params']:,} parameters; "
+        f"keeping 90% / 99% of each matrix's energy would keep "
+        f"{summary['params_fraction_at_90']:.1%} / {summary['params_fraction_at_99']:.1%} of them"
+    )
+    if whitened and "whitened_params_fraction_at_90" in summary:
+        console.print(
+            f"whitened on {result['calibration']['data']}: "
+            f"{summary['whitened_params_fraction_at_90']:.1%} / {summary['whitened_params_fraction_at_99']:.1%}"
+        )
+    if result.get("plot"):
+        console.print(f"plot: {result['plot']}")

@@ -6,8 +6,8 @@ import logging
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from subspace_cli import lifecycle
 from subspace_cli.errors import RuntimeFailure, SubspaceError

@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-SCHEMA_VERSION = 1
+# 2: `options` split into `config` (the verb's resolved options) and `method_options` (the method's).
+SCHEMA_VERSION = 2
 
 
 class MatrixReport(BaseModel):
@@ -114,7 +115,9 @@ class Report(BaseModel):
     verb: str
     model: str
     method: str
-    options: dict[str, Any]
+    config: dict[str, Any] = Field(description="the verb's resolved options, as recipe.yaml holds them")
+    method_options: dict[str, Any] = Field(
+        default_factory=dict, description="the method's resolved options (-O), defaults included")
     matrices: list[MatrixReport] = Field(default_factory=list)
     params: ParamTotals | None = None
     perplexity: dict[str, PerplexityReport] = Field(default_factory=dict)

@@ -271,8 +271,8 @@ def check_contract(case: Case, as_json: bool, result, before: dict, after: dict)
     problems: list[str] = []
     expected = case.expected_exit if isinstance(case.expected_exit, tuple) else (case.expected_exit,)
     stdout, stderr = result.stdout or "", result.stderr or ""
-    if result.exit_code not in expected:
-        problems.append(f"exit code {result.exit_code}, expected {' or '.join(map(str, expected))}")
+    if result.returncode not in expected:
+        problems.append(f"exit code {result.returncode}, expected {' or '.join(map(str, expected))}")
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     if len(errors) != 1:
         problems.append(f"{len(errors)} stderr lines start with 'error:' (want exactly 1)")
@@ -292,8 +292,8 @@ def check_contract(case: Case, as_json: bool, result, before: dict, after: dict)
             else:
                 if payload.get("ok") is not False:
                     problems.append(f"--json: ok is {payload.get('ok')!r}, want false")
-                if payload.get("exit_code") != result.exit_code:
-                    problems.append(f"--json: exit_code {payload.get('exit_code')!r} != process exit {result.exit_code}")
+                if payload.get("exit_code") != result.returncode:
+                    problems.append(f"--json: exit_code {payload.get('exit_code')!r} != process exit {result.returncode}")
                 if not isinstance(payload.get("error"), str) or not payload.get("error"):
                     problems.append("--json: no 'error' string")
     new = sorted(p for p in after if p not in before and not any(fnmatch(p, g) for g in case.allow_new))
@@ -321,9 +321,7 @@ def describe(result) -> str:
 
 
 def run_case(case: Case, as_json: bool, ctx: Ctx) -> None:
-    from typer.testing import CliRunner
-
-    from subspace_cli.cli.app import app
+    from cli_runner import run_cli
 
     try:
         built = case.build(ctx)
@@ -332,7 +330,7 @@ def run_case(case: Case, as_json: bool, ctx: Ctx) -> None:
                     f"{type(exc).__name__}: {exc}")
     argv = [case.verb, *map(str, built)] + (["--json"] if as_json else [])
     before = snapshot(ctx.scope, ctx.root)
-    result = CliRunner().invoke(app, argv)
+    result = run_cli(*argv)
     after = snapshot(ctx.scope, ctx.root)
     problems = check_contract(case, as_json, result, before, after)
     _log(case, as_json, argv, result, problems)
@@ -345,7 +343,7 @@ def _log(case: Case, as_json: bool, argv: list, result, problems: list[str]) -> 
     target = os.environ.get("BAD_INPUTS_LOG")
     if not target:
         return
-    record = {"id": case.name + ("-json" if as_json else ""), "exit": result.exit_code, "problems": problems,
+    record = {"id": case.name + ("-json" if as_json else ""), "exit": result.returncode, "problems": problems,
               "errors": [line for line in (result.stderr or "").splitlines() if line.startswith("error:")],
               "stderr": [line for line in (result.stderr or "").splitlines() if line.strip()][:4],
               "exception": None if result.exception is None or isinstance(result.exception, SystemExit)

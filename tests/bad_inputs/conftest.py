@@ -20,12 +20,10 @@ from bad_input_harness import TINY, Ctx  # noqa: E402
 
 
 def _cli(argv: list[str]) -> None:
-    from typer.testing import CliRunner
+    from cli_runner import run_cli
 
-    from subspace_cli.cli.app import app
-
-    result = CliRunner().invoke(app, [str(a) for a in argv])
-    assert result.exit_code == 0, f"fixture run failed: subspace {' '.join(map(str, argv))}\n{result.stderr}"
+    result = run_cli(*argv)
+    assert result.returncode == 0, f"fixture run failed: subspace {' '.join(map(str, argv))}\n{result.stderr}"
 
 
 def _rewrite_weights(src: Path, dest: Path, edit) -> Path:

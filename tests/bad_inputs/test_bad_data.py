@@ -10,6 +10,8 @@ import pytest
 
 from bad_input_harness import Case, params, run_case, std
 
+pytestmark = pytest.mark.slow  # the bad-input sweep (hundreds of CLI runs) is the slow tier
+
 BINARY = bytes(range(256)) * 40
 LATIN1 = ("Ceci n'est pas de l'UTF-8: café, crème brûlée, naïveté.\n" * 200).encode("latin-1")
 

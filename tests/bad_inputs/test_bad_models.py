@@ -9,6 +9,8 @@ import pytest
 
 from bad_input_harness import BROKEN_MODELS, MISSING, Case, broken_model, params, run_case, std
 
+pytestmark = pytest.mark.slow  # the bad-input sweep (hundreds of CLI runs) is the slow tier
+
 VERBS = ("compress", "adapt", "unlearn", "inspect", "eval", "merge")
 # inspect without --calib reads no tokenizer (it is given --calib for that case). merge copies the
 # base's tokenizer and needs none in the other models (tests/test_merge_inputs.py covers a base without).

@@ -11,6 +11,8 @@ import pytest
 from bad_input_harness import MISSING, Case, params, run_case, std
 from tiny_models import TEXT
 
+pytestmark = pytest.mark.slow  # the bad-input sweep (hundreds of CLI runs) is the slow tier
+
 
 def opt(verb: str, id_: str, *extra: str, expected=2, **kw) -> Case:
     """A valid tiny invocation of `verb` plus `extra` flags."""

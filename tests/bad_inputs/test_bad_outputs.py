@@ -9,6 +9,8 @@ import pytest
 
 from bad_input_harness import Case, params, run_case, std
 
+pytestmark = pytest.mark.slow  # the bad-input sweep (hundreds of CLI runs) is the slow tier
+
 WRITERS = ("compress", "adapt", "merge", "unlearn")
 
 

@@ -12,6 +12,8 @@ import yaml
 
 from bad_input_harness import MISSING, Case, params, run_case, std
 
+pytestmark = pytest.mark.slow  # the bad-input sweep (hundreds of CLI runs) is the slow tier
+
 # ----------------------------------------------------------------------------- merge
 
 

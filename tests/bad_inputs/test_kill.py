@@ -25,6 +25,8 @@ import pytest
 
 from bad_input_harness import TINY, TRACEBACK
 
+pytestmark = pytest.mark.slow  # real processes killed mid-write
+
 WRAPPER = r"""
 import sys, time
 from pathlib import Path

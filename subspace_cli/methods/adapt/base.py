@@ -13,11 +13,14 @@ so `PeftModel.from_pretrained(untouched_base, out)` reproduces the trained model
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from subspace_cli.methods.registry import Method
 
 
 @dataclass
@@ -118,3 +121,25 @@ def layerwise(factory: LayerFactory) -> Callable[..., AdaptedModel]:
 
 class DoraExport:
     """Mixin marking adapter layers whose export carries a DoRA magnitude."""
+
+
+def _default_samples(config: Any) -> int:
+    return 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterMethod(Method):
+    """An adapt method: `attach` wraps the targeted layers and returns what trains and how it exports.
+
+    attach(model, layers {path: module}, rank, alpha, config, context) -> AdaptedModel
+    """
+
+    verb: ClassVar[str] = "adapt"
+    attach: Callable[[nn.Module, dict[str, nn.Module], int, float, Any, AdaptContext], AdaptedModel]
+    default_lr: float  # used when --lr is not given (singular-value methods need larger steps)
+    adapts_experts: bool = False  # can target 3-D expert parameters (PEFT target_parameters)
+    # Training sequences the pipeline runs through `context.run_calibration` (data-aware inits).
+    calibration_samples: Callable[[Any], int] = _default_samples
+
+    def describe(self) -> dict[str, Any]:
+        return {"default_lr": self.default_lr}

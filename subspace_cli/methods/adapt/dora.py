@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from subspace_cli.errors import UsageError
-from subspace_cli.io.discovery import is_linear_like, weight_matrix
 from subspace_cli.kernels.dora_compose import dora_compose
-from subspace_cli.methods.adapt.base import AdapterLayer, DoraExport, LoraDelta, kaiming_lora_A, layerwise
+from subspace_cli.methods.adapt.base import (AdapterLayer, AdapterMethod, DoraExport, LoraDelta, kaiming_lora_A,
+                                             layerwise)
 from subspace_cli.methods.adapt.lora_family import DEFAULT_LR, LoraConfig
-from subspace_cli.methods.registry import Method, register
+from subspace_cli.methods.registry import Needs, register
+from subspace_cli.walk import is_linear_like, weight_matrix
 
 _BLOCK = 1 << 22  # elements of one fp32 row block of a low-precision W (16 MB transient)
 
@@ -117,8 +118,12 @@ class DoraLayer(AdapterLayer, DoraExport):
                          magnitude=self.magnitude.detach().float().clone())
 
 
-register(Method(
-    name="dora", verb="adapt", config_class=LoraConfig, build=layerwise(DoraLayer),
+class DoraConfig(LoraConfig):
+    """dora's options: LoRA's (its own class: the registry is keyed by config class)."""
+
+
+register(AdapterMethod(
+    name="dora", config_class=DoraConfig, attach=layerwise(DoraLayer),
     paper="Liu et al. 2024, arXiv 2402.09353; factored norm: arXiv 2603.22276",
     summary="DoRA (magnitude × direction) with the row norm from W·Aᵀ and A·Aᵀ, never B·A; fused compose",
-    needs=("training data",), default_lr=DEFAULT_LR))
+    needs={Needs.TRAINING_DATA}, default_lr=DEFAULT_LR))

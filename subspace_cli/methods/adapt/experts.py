@@ -18,39 +18,13 @@ registered parameter innermost; the one for `name` is found by walking `base_lay
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from subspace_cli.io.discovery import is_linear_like
 from subspace_cli.methods.adapt.base import LoraDelta
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-@dataclass(frozen=True)
-class ExpertStack:
-    """One 3-D expert parameter of a block: `getattr(module, name)` [E, out, in] (or [E, in, out]
-    when the module sets `is_transposed`, as PEFT reads it)."""
-
-    module: nn.Module
-    name: str
-
-    @property
-    def param(self) -> nn.Parameter:
-        return getattr(self.module, self.name)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.param.shape)
-
-    @property
-    def slice_shape(self) -> tuple[int, int]:
-        """(out, in) of one expert's matrix."""
-        _, d1, d2 = self.shape
-        return (d2, d1) if getattr(self.module, "is_transposed", False) else (d1, d2)
 
 
 @dataclass
@@ -70,41 +44,6 @@ class ExpertLoraDelta(LoraDelta):
         """(lora_A [E·r, in], lora_B [out, r·E]) in PEFT's ParamWrapper layout."""
         e, r, in_f = self.A.shape
         return self.A.reshape(e * r, in_f), self.B.permute(1, 2, 0).reshape(self.B.shape[1], r * e)
-
-
-def block_expert_stacks(block: nn.Module, prefix: str, targets: str | None = None,
-                        exclude: str | None = None) -> dict[str, ExpertStack]:
-    """The 3-D parameters of one block (expert stacks) as {dotted parameter path: ExpertStack}, filtered
-    by the same regexes as the Linear layers. Convolution kernels (3-D too) are not experts."""
-    found = {}
-    for module_name, module in block.named_modules():
-        if isinstance(module, _CONVS) or is_linear_like(module):
-            continue
-        for name, param in module.named_parameters(recurse=False):
-            if param.dim() != 3:
-                continue
-            full = ".".join(p for p in (prefix, module_name, name) if p)
-            if (targets and not re.search(targets, full)) or (exclude and re.search(exclude, full)):
-                continue
-            found[full] = ExpertStack(module, name)
-    return found
-
-
-def block_routers(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
-    """Linear layers that route between experts: the direct Linear children of a module that also
-    holds the experts (Qwen2-MoE's `mlp.shared_expert_gate` [1, H]; `mlp.gate` [E, H] where the router
-    is a Linear). Expert Linears (a ModuleList of experts) and shared-expert MLPs are grandchildren."""
-    routers = {}
-    for module_name, module in block.named_modules():
-        children = dict(module.named_children())
-        holds_experts = any(p.dim() == 3 for child in children.values() for p in child.parameters(recurse=False)) \
-            or isinstance(children.get("experts"), nn.ModuleList)
-        if not holds_experts:
-            continue
-        for name, child in children.items():
-            if is_linear_like(child):
-                routers[".".join(p for p in (prefix, module_name, name) if p)] = child
-    return routers
 
 
 def param_wrapper(root: nn.Module, path: str) -> nn.Module:

@@ -32,9 +32,9 @@ from pydantic import Field
 from torch import nn
 
 from subspace_cli.errors import UsageError
-from subspace_cli.io.discovery import is_conv1d
-from subspace_cli.methods.adapt.base import AdapterLayer, LoraDelta, layerwise
-from subspace_cli.methods.registry import Method, MethodConfig, register
+from subspace_cli.methods.adapt.base import AdapterLayer, AdapterMethod, LoraDelta, layerwise
+from subspace_cli.methods.registry import MethodConfig, Needs, register
+from subspace_cli.walk import is_conv1d
 
 # Adam moves each core entry by ~lr per step, so with orthonormal factors ΔW moves by ~lr·r (Frobenius);
 # a LoRA step (Kaiming A, s = 1) moves it by ~0.58·lr·√(out·r). 2e-3 matches LoRA's 2e-4 for out/r ≈ 100-1000;
@@ -136,9 +136,9 @@ class FloraLayer(AdapterLayer):
         return LoraDelta(a, b)
 
 
-register(Method(
-    name="flora", verb="adapt", config_class=FloraConfig, build=layerwise(FloraLayer),
+register(AdapterMethod(
+    name="flora", config_class=FloraConfig, attach=layerwise(FloraLayer),
     paper="Si et al. 2024, arXiv 2405.14739",
     summary="Tucker update s·G ×ₙ Uₙ with a trainable core and one factor per mode (Linear and ConvNd kernels), "
             "core zero at start",
-    needs=("training data",), default_lr=DEFAULT_LR))
+    needs={Needs.TRAINING_DATA}, default_lr=DEFAULT_LR))

@@ -20,15 +20,29 @@ from pydantic import Field
 from torch import nn
 
 from subspace_cli.errors import UsageError
-from subspace_cli.methods.adapt.base import AdaptContext, AdaptedModel, LoraDelta, kaiming_lora_A
-from subspace_cli.methods.adapt.experts import ExpertStack, param_wrapper, unpack
-from subspace_cli.methods.registry import Method, MethodConfig, register
+from subspace_cli.methods.adapt.base import AdaptContext, AdaptedModel, AdapterMethod, LoraDelta, kaiming_lora_A
+from subspace_cli.methods.adapt.experts import param_wrapper, unpack
+from subspace_cli.methods.registry import MethodConfig, Needs, register
+from subspace_cli.walk import ExpertStack
 
 DEFAULT_LR = 2e-4  # LoRA's usual step size; every method here trains an A·B pair of the same scale
 
 
 class LoraConfig(MethodConfig):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input (PEFT lora_dropout)")
+
+
+# One config class per method (the registry is keyed by it); these add no options to LoRA's.
+class MiloraConfig(LoraConfig):
+    pass
+
+
+class OloraConfig(LoraConfig):
+    pass
+
+
+class DoraPeftConfig(LoraConfig):
+    pass
 
 
 class PissaConfig(LoraConfig):
@@ -139,25 +153,26 @@ def _peft_build(init: str, moves_base: bool, use_dora: bool = False):
     return build
 
 
-_NEEDS = ("training data",)
-register(Method(name="lora", verb="adapt", config_class=LoraConfig, build=_peft_build("lora", False),
+_NEEDS = {Needs.TRAINING_DATA}
+register(AdapterMethod(name="lora", config_class=LoraConfig, attach=_peft_build("lora", False), adapts_experts=True,
                 paper="Hu et al. 2021, arXiv 2106.09685", summary="low-rank update B·A (PEFT LoRA), B = 0 at start",
                 needs=_NEEDS, default_lr=DEFAULT_LR))
-register(Method(name="pissa", verb="adapt", config_class=PissaConfig, build=_peft_build("pissa", True),
+register(AdapterMethod(name="pissa", config_class=PissaConfig, attach=_peft_build("pissa", True),
                 paper="Meng et al. 2024, arXiv 2404.02948",
                 summary="adapter initialised from the top-r singular triplets, the residual frozen (PEFT)",
                 needs=_NEEDS, default_lr=DEFAULT_LR))
-register(Method(name="milora", verb="adapt", config_class=LoraConfig, build=_peft_build("milora", True),
+register(AdapterMethod(name="milora", config_class=MiloraConfig, attach=_peft_build("milora", True),
                 paper="Wang et al. 2024, arXiv 2406.09044",
                 summary="adapter initialised from the smallest r singular triplets (minor components)",
                 needs=_NEEDS, default_lr=DEFAULT_LR))
-register(Method(name="olora", verb="adapt", config_class=LoraConfig, build=_peft_build("olora", True),
+register(AdapterMethod(name="olora", config_class=OloraConfig, attach=_peft_build("olora", True),
                 paper="Büyükakyüz 2024, arXiv 2406.01775", summary="adapter initialised from a QR of W (PEFT OLoRA)",
                 needs=_NEEDS, default_lr=DEFAULT_LR))
-register(Method(name="corda", verb="adapt", config_class=CordaConfig, build=_peft_build("corda", True),
+register(AdapterMethod(name="corda", config_class=CordaConfig, attach=_peft_build("corda", True),
+                calibration_samples=lambda config: config.samples,
                 paper="Yang et al. 2024, arXiv 2406.05223",
                 summary="adapter from the SVD of W·C, C the training data's activation covariance (PEFT CorDA)",
                 needs=_NEEDS, default_lr=DEFAULT_LR))
-register(Method(name="dora-peft", verb="adapt", config_class=LoraConfig, build=_peft_build("lora", False, use_dora=True),
+register(AdapterMethod(name="dora-peft", config_class=DoraPeftConfig, attach=_peft_build("lora", False, use_dora=True),
                 paper="Liu et al. 2024, arXiv 2402.09353", summary="PEFT's DoRA (dense norm), for comparison with dora",
                 needs=_NEEDS, default_lr=DEFAULT_LR))

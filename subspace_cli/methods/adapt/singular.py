@@ -12,7 +12,8 @@ LoRA pair on the untouched base (A [r', in], B [out, r'], scaling folded into B)
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +21,10 @@ from pydantic import Field
 from torch import nn
 
 from subspace_cli.errors import UsageError
-from subspace_cli.io.discovery import is_linear_like, weight_matrix
-from subspace_cli.methods.adapt.base import AdapterLayer, LoraDelta, layerwise
+from subspace_cli.methods.adapt.base import AdapterLayer, AdapterMethod, LoraDelta, layerwise
 from subspace_cli.methods.adapt.lora_family import DEFAULT_LR as LORA_LR
-from subspace_cli.methods.registry import Method, MethodConfig, register
+from subspace_cli.methods.registry import MethodConfig, Needs, register
+from subspace_cli.walk import is_linear_like, weight_matrix
 
 # Step sizes: an Adam step moves each trained scalar by ~lr. A singular value moves ΔW by lr along one
 # unit rank-one direction u_i v_iᵀ, while a LoRA step moves all `out` entries of B at once (times A's rows,
@@ -245,18 +246,18 @@ def _complementary(base, rank, alpha, config, generator):
     return ComplementaryLayer(base, rank, alpha, config, generator)
 
 
-_NEEDS = ("training data",)
-register(Method(name="svfit", verb="adapt", config_class=SvfitConfig,
-                build=_checked("svfit", _svfit, lambda m, rank, config: _problem(m, rank)),
+_NEEDS = {Needs.TRAINING_DATA}
+register(AdapterMethod(name="svfit", config_class=SvfitConfig,
+                attach=_checked("svfit", _svfit, lambda m, rank, config: _problem(m, rank)),
                 paper="Sun et al. 2024, arXiv 2409.05926",
                 summary="trains only the top-r singular values of each W (singular vectors frozen)",
                 needs=_NEEDS, default_lr=SVFIT_LR))
-register(Method(name="svft", verb="adapt", config_class=SvftConfig, build=_checked("svft", _svft, _svft_problem),
+register(AdapterMethod(name="svft", config_class=SvftConfig, attach=_checked("svft", _svft, _svft_problem),
                 paper="Lingam et al. 2024, arXiv 2405.19597",
                 summary="trains a sparse core M in ΔW = U_r M V_rᵀ (plain, banded, random or top-k pattern)",
                 needs=_NEEDS, default_lr=SVFT_LR))
-register(Method(name="complementary", verb="adapt", config_class=ComplementaryConfig,
-                build=_checked("complementary", _complementary, _complementary_problem),
+register(AdapterMethod(name="complementary", config_class=ComplementaryConfig,
+                attach=_checked("complementary", _complementary, _complementary_problem),
                 paper="Xiong & Xie 2025, arXiv 2510.13003 (OPLoRA)",
                 summary="LoRA projected off the top-k singular subspaces of W, which it keeps exactly",
                 needs=_NEEDS, default_lr=LORA_LR))

@@ -1,15 +1,22 @@
 """The per-tensor merge contract: what the streaming pipeline hands each merge method, and cheap
 diagnostics on the task vectors Δᵢ = θᵢ − θ₀ (elementwise over the N inputs, no decompositions).
 
-Every merge method is registered with `verb="merge"` and a `build(inputs: TensorInputs, config) ->
-torch.Tensor` that returns the merged tensor in float32 with the inputs' shape.
+Every merge method is a `TensorMerge`: `merge(inputs: TensorInputs, config) -> torch.Tensor` returns
+the merged tensor in float32 with the inputs' shape, one tensor at a time, so merging streams. A
+`ModelMerge` also needs the models in memory first (e.g. to train a mask on data): `prepare(context,
+config) -> PreparedMerge` merges the tensors it owns; the pipeline streams the rest through `merge`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
+
+from subspace_cli.methods.registry import Method
 
 
 @dataclass(frozen=True)
@@ -72,3 +79,53 @@ def apply_update(base: torch.Tensor, delta: torch.Tensor, scale: float) -> torch
     if scale == 0:
         return base.clone()
     return base + (delta if scale == 1 else delta * scale)
+
+
+def _no_check(config: Any, weights: list[float]) -> None:
+    return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorMerge(Method):
+    """A per-tensor merge: merge(inputs, config) -> merged tensor (float32, the inputs' shape)."""
+
+    verb: ClassVar[str] = "merge"
+    merge: Callable[[TensorInputs, Any], torch.Tensor]
+    # check(config, per-model weights): exit 2 before any tensor is read (e.g. weights that sum to 0).
+    check: Callable[[Any, list[float]], None] = _no_check
+    # The mergekit `merge_method` with the same semantics and parameter names, if any: mergekit YAML
+    # configs naming it run this method (pipelines/merge_yaml.py).
+    mergekit: str | None = None
+
+
+@dataclass
+class MergeContext:
+    """What the pipeline hands a ModelMerge before streaming. Checkpoints are the lazily read inputs."""
+
+    base: Any  # the base checkpoint (LazyCheckpoint)
+    inputs: list[Any]  # one checkpoint per model, in model order
+    labels: list[str]  # how messages name each input
+    base_label: str  # how messages name the base
+    weights: list[float]
+    seed: int
+    load_base: Callable[[], tuple[Any, Any]]  # () -> (base model in memory, its tokenizer)
+    task_batches: Callable[[Any], list[torch.Tensor]]  # tokenizer -> one [n, L] id tensor per model's --data
+    read: Callable[[Any, str, str], torch.Tensor]  # (checkpoint, tensor name, label) -> finite float32 tensor
+    stage: Callable[[str], AbstractContextManager]  # a timed stage of the report
+    progress: Callable[[str, int], AbstractContextManager]  # (description, total) -> advance()
+
+
+@dataclass
+class PreparedMerge:
+    replaced: dict[str, torch.Tensor]  # checkpoint tensor name -> merged tensor, written as is
+    mask_density: dict[str, float] = field(default_factory=dict)  # per replaced tensor, for the report
+    losses: list[float] = field(default_factory=list)  # training curve of whatever `prepare` trained
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelMerge(TensorMerge):
+    """A merge that works on the models in memory first: prepare(context, config) -> PreparedMerge."""
+
+    prepare: Callable[[MergeContext, Any], PreparedMerge]
+

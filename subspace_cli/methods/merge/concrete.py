@@ -27,8 +27,9 @@ rescale; a tensor whose exported mask is all zero keeps its base weight.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from pydantic import ConfigDict, Field, field_validator
@@ -37,7 +38,9 @@ from torch.func import functional_call
 
 from subspace_cli.errors import RuntimeFailure, UsageError
 from subspace_cli.evaluate.chunked_logits import BatchLogits
-from subspace_cli.methods.registry import Method, MethodConfig, register
+from subspace_cli.methods.merge.base import MergeContext, ModelMerge, PreparedMerge
+from subspace_cli.methods.merge.task_arithmetic import TaskArithmeticConfig, merge_task_arithmetic
+from subspace_cli.methods.registry import MethodConfig, Needs, register
 
 # Every 2-D weight inside the decoder blocks (attention and MLP projections; norms are 1-D).
 DEFAULT_TARGETS = r"layers\.\d+\..*\.weight$"
@@ -281,10 +284,62 @@ def fit_concrete_mask(model: nn.Module, task_vectors: dict[str, list[Tensor]], b
     return ConcreteResult(merged=merged, density=density, losses=losses, dropped=dropped)
 
 
-register(Method(
-    name="concrete", verb="merge", config_class=ConcreteConfig, build=fit_concrete_mask,
+def stored_names(model: nn.Module, names: list[str], checkpoint) -> dict[str, str]:
+    """{parameter name in the model: its tensor's name in the checkpoint}. transformers renames some
+    tensors on load (Mixtral's block_sparse_moe.gate -> mlp.gate) and fuses others (per-expert w1 / w3 / w2
+    into mlp.experts.gate_up_proj [E, 2I, H] / down_proj): a rename maps back one to one through its own
+    reverse conversion; a parameter the checkpoint stores as several tensors cannot carry one mask."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    out = {}
+    for name in names:
+        if name in checkpoint:
+            out[name] = name
+            continue
+        shape = tuple(model.get_parameter(name).shape)
+        stored = {k: tuple(v.shape) for k, v in
+                  revert_weight_conversion(model, {name: torch.empty(shape, device="meta")}).items()}
+        if len(stored) != 1 or next(iter(stored)) not in checkpoint or next(iter(stored.values())) != shape:
+            raise UsageError(f"concrete targets '{name}' {list(shape)}, which the checkpoint stores as "
+                             f"{', '.join(list(stored)[:2])}{' ...' if len(stored) > 2 else ''} (e.g. MoE experts kept "
+                             "per expert): narrow -O targets to tensors stored as the model holds them")
+        out[name] = next(iter(stored))
+    return out
+
+
+def prepare_concrete(context: MergeContext, config: ConcreteConfig) -> PreparedMerge:
+    """Train the shared mask on the base model in memory and merge the targeted tensors with it."""
+    with context.stage("load"):
+        model, tokenizer = context.load_base()
+    if tokenizer is None:
+        raise UsageError(f"base '{context.base_label}' has no tokenizer files; concrete needs them to read --data")
+    with context.stage("data"):
+        batches = context.task_batches(tokenizer)
+    names = select_targets(model, config.targets)
+    stored = stored_names(model, names, context.base)
+    task_vectors = {}
+    for name in names:
+        theta0 = context.read(context.base, stored[name], context.base_label)
+        task_vectors[name] = [w * (context.read(checkpoint, stored[name], label) - theta0)
+                              for checkpoint, w, label in zip(context.inputs, context.weights, context.labels)]
+    with context.stage("mask"), context.progress("training the concrete mask", config.steps) as advance:
+        result = fit_concrete_mask(model, task_vectors, batches, config, torch.Generator().manual_seed(context.seed),
+                                   progress=lambda step, loss: advance())
+    notes = [f"concrete: the mask of {name} kept nothing; the tensor stays at the base" for name in result.dropped]
+    return PreparedMerge(replaced={stored[name]: tensor for name, tensor in result.merged.items()},
+                         mask_density={stored[name]: value for name, value in result.density.items()},
+                         losses=result.losses, notes=notes)
+
+
+def merge_untargeted(inputs, config: ConcreteConfig) -> Tensor:
+    """Tensors outside the mask: task arithmetic with the same λ (an all-ones mask there)."""
+    return merge_task_arithmetic(inputs, TaskArithmeticConfig(lambda_=config.lambda_))
+
+
+register(ModelMerge(
+    name="concrete", config_class=ConcreteConfig, prepare=prepare_concrete, merge=merge_untargeted,
     paper="Tang et al. 2023, arXiv 2310.17400",
     summary="learn one shared Concrete (relaxed Bernoulli) mask on the task vectors from unlabeled task data, "
             "then task arithmetic on the masked vectors",
-    needs=("base", "unlabeled task data"),
+    needs={Needs.BASE, Needs.TASK_DATA},
 ))

@@ -41,8 +41,8 @@ from dataclasses import replace
 import torch
 from pydantic import Field
 
-from subspace_cli.methods.merge.base import TensorInputs, apply_update, task_vectors
-from subspace_cli.methods.registry import Method, MethodConfig, register
+from subspace_cli.methods.merge.base import TensorInputs, TensorMerge, apply_update, task_vectors
+from subspace_cli.methods.registry import MethodConfig, Needs, register
 
 _EPS32 = torch.finfo(torch.float32).eps
 
@@ -203,21 +203,21 @@ def merge_iso_cts(inputs: TensorInputs, config: IsoCtsConfig) -> torch.Tensor:
     return apply_update(base, merged, config.alpha)
 
 
-register(Method(
-    name="tsv", verb="merge", config_class=TsvConfig, build=per_expert(merge_tsv),
+register(TensorMerge(
+    name="tsv", config_class=TsvConfig, merge=per_expert(merge_tsv),
     paper="Gargiulo et al. 2025 (CVPR), arXiv 2412.00081 (Task Singular Vectors, TSV-M)",
     summary="keep each task matrix's top 1/T singular triplets, orthogonalise the concatenated bases, add to the base",
-    needs=("base",),
+    needs={Needs.BASE},
 ))
-register(Method(
-    name="iso-c", verb="merge", config_class=IsoCConfig, build=per_expert(merge_iso_c),
+register(TensorMerge(
+    name="iso-c", config_class=IsoCConfig, merge=per_expert(merge_iso_c),
     paper="Marczak et al. 2025, arXiv 2502.04959 (No Task Left Behind: Iso-C)",
     summary="sum the task matrices and flatten their singular spectrum to its mean",
-    needs=("base",),
+    needs={Needs.BASE},
 ))
-register(Method(
-    name="iso-cts", verb="merge", config_class=IsoCtsConfig, build=per_expert(merge_iso_cts),
+register(TensorMerge(
+    name="iso-cts", config_class=IsoCtsConfig, merge=per_expert(merge_iso_cts),
     paper="Marczak et al. 2025, arXiv 2502.04959 (No Task Left Behind: Iso-CTS)",
     summary="common subspace of the summed task matrices plus task-specific directions, flat spectrum",
-    needs=("base",),
+    needs={Needs.BASE},
 ))

@@ -28,14 +28,16 @@ Edge cases, as mergekit 0.1.5 computes them:
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from pydantic import ConfigDict, Field
 
+from subspace_cli.errors import UsageError
 from subspace_cli.linalg.selection import largest_k_mask
-from subspace_cli.methods.merge.base import TensorInputs, apply_update, fp32, require_base
-from subspace_cli.methods.registry import Method, MethodConfig, register
+from subspace_cli.methods.merge.base import TensorInputs, TensorMerge, apply_update, fp32, require_base
+from subspace_cli.methods.registry import MethodConfig, Needs, register
 
 _RESCALE_EPS = 1e-7  # mergekit: no rescale when Σ|Δ| or Σ|kept| is below this
 _WEIGHT_SUM_EPS = 1e-8  # mergekit: normalize divides by 1 when |Σ wᵢ| is below this
@@ -212,31 +214,37 @@ def _dare(consensus: Callable[[TaskArithmeticConfig], Literal["sum", "count"] | 
 merge_dare_linear = _dare(lambda config: None, "dare-linear")
 merge_dare_ties = _dare(lambda config: config.consensus, "dare-ties")
 
-register(Method(
-    name="linear", verb="merge", config_class=LinearConfig, build=merge_linear,
+def check_linear(config: LinearConfig, weights: list[float]) -> None:
+    if config.normalize and sum(weights) == 0:
+        raise UsageError(f"--weights {','.join(f'{w:g}' for w in weights)} sum to 0 and linear divides by their sum; "
+                         "change the weights or pass -O normalize=false")
+
+
+register(TensorMerge(
+    name="linear", mergekit="linear", config_class=LinearConfig, merge=merge_linear, check=check_linear,
     paper="Wortsman et al. 2022, arXiv 2203.05482 (model soups)",
     summary="weighted average of the models, Σ wᵢθᵢ / Σ wᵢ (no base needed)",
 ))
-register(Method(
-    name="task-arithmetic", verb="merge", config_class=TaskArithmeticConfig, build=merge_task_arithmetic,
+register(TensorMerge(
+    name="task-arithmetic", mergekit="task_arithmetic", config_class=TaskArithmeticConfig, merge=merge_task_arithmetic,
     paper="Ilharco et al. 2023, arXiv 2212.04089 (task arithmetic)",
-    summary="θ₀ + λ·Σ wᵢ(θᵢ − θ₀): add the weighted task vectors to the base", needs=("base",),
+    summary="θ₀ + λ·Σ wᵢ(θᵢ − θ₀): add the weighted task vectors to the base", needs={Needs.BASE},
 ))
-register(Method(
-    name="ties", verb="merge", config_class=TiesConfig, build=merge_ties,
+register(TensorMerge(
+    name="ties", mergekit="ties", config_class=TiesConfig, merge=merge_ties,
     paper="Yadav et al. 2023, arXiv 2306.01708 (TIES-Merging)",
     summary="trim each task vector to its top-density magnitudes, elect signs, average the agreeing entries",
-    needs=("base",),
+    needs={Needs.BASE},
 ))
-register(Method(
-    name="dare-linear", verb="merge", config_class=DareLinearConfig, build=merge_dare_linear,
+register(TensorMerge(
+    name="dare-linear", mergekit="dare_linear", config_class=DareLinearConfig, merge=merge_dare_linear,
     paper="Yu et al. 2024, arXiv 2311.03099 (DARE)",
     summary="drop task-vector entries at random (keep probability = density), rescale, task arithmetic",
-    needs=("base",),
+    needs={Needs.BASE},
 ))
-register(Method(
-    name="dare-ties", verb="merge", config_class=DareTiesConfig, build=merge_dare_ties,
+register(TensorMerge(
+    name="dare-ties", mergekit="dare_ties", config_class=DareTiesConfig, merge=merge_dare_ties,
     paper="Yu et al. 2024, arXiv 2311.03099 (DARE)",
     summary="drop task-vector entries at random (keep probability = density), rescale, TIES sign election",
-    needs=("base",),
+    needs={Needs.BASE},
 ))

@@ -42,9 +42,7 @@ import torch
 from torch import nn
 
 from subspace_cli.errors import UsageError
-from subspace_cli.io.discovery import (
-    Blocks, block_linears, compile_pattern, find_blocks, is_linear_like, linear_names,
-)
+from subspace_cli.walk import Blocks, block_linears, compile_pattern, find_blocks, is_linear_like, linear_names
 
 NORMALISED_BELOW = 0.5  # size_response: 1 for an additive write, ~1e-3 or less through an RMSNorm
 # Fallback only (see the module docstring): how post-MLP norms are spelled in transformers.

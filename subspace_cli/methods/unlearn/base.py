@@ -1,22 +1,23 @@
 """The unlearn contract and what its methods share: the targeted weights, layer activations, batches.
 
-A method's `build(model, data, config, generator) -> UnlearnPlan` selects the parameters that may
+A method's `plan(model, data, config, generator) -> UnlearnPlan` selects the parameters that may
 train (the pipeline freezes everything else, so only `plan.targeted` tensors can change) and
 gives the loss of one step on a forget batch and a retain batch. The pipeline owns the loop.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from subspace_cli.errors import UsageError
-from subspace_cli.io.discovery import block_linears, compile_pattern, find_blocks, linear_names
-from subspace_cli.methods.registry import MethodConfig
+from subspace_cli.methods.registry import Method, MethodConfig
+from subspace_cli.walk import block_linears, compile_pattern, find_blocks, linear_names
 
 
 @dataclass
@@ -35,6 +36,14 @@ class UnlearnPlan:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # for the report's notes (e.g. what the layout probe found)
 
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnlearnMethod(Method):
+    """An unlearn method: `plan` picks what trains and the loss of one step; the pipeline owns the loop."""
+
+    verb: ClassVar[str] = "unlearn"
+    plan: Callable[[nn.Module, UnlearnData, Any, torch.Generator], UnlearnPlan]
 
 class UnlearnConfig(MethodConfig):
     """Options every unlearn method has. Defaults are sized for SmolLM2-135M on CPU (docs/unlearn.md)."""

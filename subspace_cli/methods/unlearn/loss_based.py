@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import torch
 from pydantic import Field
-
 from torch import nn
 
 from subspace_cli.evaluate.chunked_logits import causal_lm_loss
-from subspace_cli.io.discovery import is_linear_like
-from subspace_cli.methods.registry import Method, register
+from subspace_cli.methods.registry import Needs, register
 from subspace_cli.methods.unlearn.architecture import choose_targets, update_blocks
-from subspace_cli.methods.unlearn.base import (
-    UnlearnConfig, UnlearnData, UnlearnPlan, default_layer, targeted_linears, trainable_weights,
-)
+from subspace_cli.methods.unlearn.base import (UnlearnConfig, UnlearnData, UnlearnMethod, UnlearnPlan, default_layer,
+                                               targeted_linears, trainable_weights)
+from subspace_cli.walk import is_linear_like
 
 
 def lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -77,9 +75,9 @@ def build_grad_diff(model, data: UnlearnData, config: GradDiffConfig, generator:
     return UnlearnPlan(params=params, loss=loss, targeted=names, diagnostics={"layer": layer})
 
 
-register(Method(name="ga", verb="unlearn", config_class=GradientAscentConfig, build=build_ga,
+register(UnlearnMethod(name="ga", config_class=GradientAscentConfig, plan=build_ga,
                 paper="Jang et al. 2023, arXiv 2210.01504",
-                summary="gradient ascent on the forget set's next-token loss", needs=("forget data",)))
-register(Method(name="grad-diff", verb="unlearn", config_class=GradDiffConfig, build=build_grad_diff,
+                summary="gradient ascent on the forget set's next-token loss", needs={Needs.FORGET_DATA}))
+register(UnlearnMethod(name="grad-diff", config_class=GradDiffConfig, plan=build_grad_diff,
                 paper="Liu et al. 2022, arXiv 2203.12817",
-                summary="ascent on the forget loss, descent on the retain loss", needs=("forget data", "retain data")))
+                summary="ascent on the forget loss, descent on the retain loss", needs={Needs.FORGET_DATA, Needs.RETAIN_DATA}))

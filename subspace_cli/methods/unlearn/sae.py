@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field

@@ -15,17 +15,17 @@ every weight update confined to the relevant span: ΔW = Q_rel·C for each train
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Literal
+from collections.abc import Callable
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 
 from subspace_cli.errors import UsageError
-from subspace_cli.methods.registry import Method, register
+from subspace_cli.methods.registry import Needs, register
 from subspace_cli.methods.unlearn.architecture import Choice, choose_targets, update_blocks, writes_residual
-from subspace_cli.methods.unlearn.base import (
-    UnlearnConfig, UnlearnData, UnlearnPlan, default_layer, frozen_activations, layer_output,
-)
+from subspace_cli.methods.unlearn.base import (UnlearnConfig, UnlearnData, UnlearnMethod, UnlearnPlan, default_layer,
+                                               frozen_activations, layer_output)
 
 MODULES_HELP = ("regex: which Linear layers (also norm gains, 3-D expert parameters) of those blocks train; default "
                 "per block layout: the MLP output projection, plus the gain of a norm applied to the MLP output "
@@ -152,9 +152,8 @@ def build_rmu(model, data: UnlearnData, config: RMUConfig, generator: torch.Gene
 
 def build_sspu(model, data: UnlearnData, config: SSPUConfig, generator: torch.Generator) -> UnlearnPlan:
     from subspace_cli.methods.unlearn.sae import SAEConfig, train_sae
-    from subspace_cli.methods.unlearn.subspaces import (
-        bake, control_vector, orthonormal_basis, restrict_updates, select_features,
-    )
+    from subspace_cli.methods.unlearn.subspaces import (bake, control_vector, orthonormal_basis, restrict_updates,
+                                                        select_features)
 
     layer = default_layer(model, config)
     choice = _targets(model, data, config, layer)
@@ -203,13 +202,13 @@ def build_sspu(model, data: UnlearnData, config: SSPUConfig, generator: torch.Ge
                        loss=_steering_loss(model, data, layer, control, retain_targets, config.retain_weight))
 
 
-register(Method(name="rmu", verb="unlearn", config_class=RMUConfig, build=build_rmu,
+register(UnlearnMethod(name="rmu", config_class=RMUConfig, plan=build_rmu,
                 paper="Li et al. 2024 (WMDP), arXiv 2403.03218",
                 summary="steer forget activations at one layer to a random vector, hold retain activations; "
                         "the MLP output projections (and post-MLP norm gains) of a few blocks train",
-                needs=("forget data", "retain data")))
-register(Method(name="sspu", verb="unlearn", config_class=SSPUConfig, build=build_sspu,
+                needs={Needs.FORGET_DATA, Needs.RETAIN_DATA}))
+register(UnlearnMethod(name="sspu", config_class=SSPUConfig, plan=build_sspu,
                 paper="arXiv 2505.24428 (SSPU)",
                 summary="RMU guided by a built-in TopK SAE: control vector in the irrelevant feature span, "
                         "weight updates confined to the relevant span",
-                needs=("forget data", "retain data")))
+                needs={Needs.FORGET_DATA, Needs.RETAIN_DATA}))

@@ -17,7 +17,8 @@ from pydantic import Field
 from subspace_cli.linalg.gram import GramStats
 from subspace_cli.linalg.truncation import Transform
 from subspace_cli.linalg.whitening import cholesky_whitener, shrink_gram
-from subspace_cli.methods.registry import Method, MethodConfig, register
+from subspace_cli.methods.compress.base import LowRankMethod
+from subspace_cli.methods.registry import MethodConfig, Needs, register
 
 
 class SVDLLMConfig(MethodConfig):
@@ -35,8 +36,8 @@ def svd_llm_transform(weight: torch.Tensor, stats: GramStats | None, config: SVD
     return Transform("lower", cholesky_whitener(gram))
 
 
-register(Method(
-    name="svd-llm", verb="compress", config_class=SVDLLMConfig, build=svd_llm_transform,
+register(LowRankMethod(
+    name="svd-llm", config_class=SVDLLMConfig, transform=svd_llm_transform,
     paper="Wang et al. 2024, arXiv 2403.07378", summary="whitened, truncation-aware SVD",
-    needs=("calibration",),
+    needs={Needs.CALIBRATION},
 ))

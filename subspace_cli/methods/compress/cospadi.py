@@ -17,17 +17,17 @@ is ours, measured in benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import Field
 
 from subspace_cli.linalg.dictionary_budget import DictionarySize
-from subspace_cli.linalg.sparse_dictionary import DictionaryFit, fit_dictionary
+from subspace_cli.linalg.sparse_dictionary import fit_dictionary
 from subspace_cli.linalg.truncation import Spectral
-from subspace_cli.methods.registry import Method, register
-from subspace_cli.methods.svd_llm import SVDLLMConfig, svd_llm_transform
+from subspace_cli.methods.compress.base import DictionaryFactors, DictionaryMethod
+from subspace_cli.methods.compress.svd_llm import SVDLLMConfig, svd_llm_transform
+from subspace_cli.methods.registry import Needs, register
 
 
 class CoSpaDiConfig(SVDLLMConfig):
@@ -43,12 +43,6 @@ class CoSpaDiConfig(SVDLLMConfig):
         1, ge=1, description="blocks sharing one dictionary per projection type (the Gram is averaged over the group)")
 
 
-@dataclass
-class DictionaryFactors:
-    dictionary: torch.Tensor  # [k, in] float64, de-whitened
-    indices: torch.Tensor  # [rows, s] int64 atom ids, rows = out summed over the group
-    values: torch.Tensor  # [rows, s] float64
-    fit: DictionaryFit
 
 
 def initial_dictionary(target: torch.Tensor, atoms: int, init: str, generator: torch.Generator) -> torch.Tensor:
@@ -75,9 +69,9 @@ def fit_cospadi(spectral: Spectral, size: DictionarySize, config: CoSpaDiConfig,
     return DictionaryFactors(dictionary, fit.code.indices, fit.code.coeffs.to(torch.float64), fit)
 
 
-register(Method(
-    name="cospadi", verb="compress", config_class=CoSpaDiConfig, build=svd_llm_transform,
+register(DictionaryMethod(
+    name="cospadi", config_class=CoSpaDiConfig, transform=svd_llm_transform, fit=fit_cospadi,
     paper="Makhov, Shopkhoev et al. 2025, arXiv 2509.22075",
     summary="whitened sparse dictionary (K-SVD + batched OMP), packed codes",
-    needs=("calibration",), fit=fit_cospadi,
+    needs={Needs.CALIBRATION},
 ))

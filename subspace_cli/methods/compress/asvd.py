@@ -14,7 +14,8 @@ from pydantic import Field
 
 from subspace_cli.linalg.gram import GramStats
 from subspace_cli.linalg.truncation import Transform
-from subspace_cli.methods.registry import Method, MethodConfig, register
+from subspace_cli.methods.compress.base import LowRankMethod
+from subspace_cli.methods.registry import MethodConfig, Needs, register
 
 
 class ASVDConfig(MethodConfig):
@@ -31,7 +32,7 @@ def asvd_transform(weight: torch.Tensor, stats: GramStats | None, config: ASVDCo
     return Transform("diagonal", scale.clamp_min(float(floor)))
 
 
-register(Method(
-    name="asvd", verb="compress", config_class=ASVDConfig, build=asvd_transform,
-    paper="Yuan et al. 2023, arXiv 2312.05821", summary="activation-scaled SVD", needs=("calibration",),
+register(LowRankMethod(
+    name="asvd", config_class=ASVDConfig, transform=asvd_transform,
+    paper="Yuan et al. 2023, arXiv 2312.05821", summary="activation-scaled SVD", needs={Needs.CALIBRATION},
 ))

@@ -10,7 +10,8 @@ import torch
 
 from subspace_cli.linalg.gram import GramStats
 from subspace_cli.linalg.truncation import Transform
-from subspace_cli.methods.registry import Method, MethodConfig, register
+from subspace_cli.methods.compress.base import LowRankMethod
+from subspace_cli.methods.registry import MethodConfig, register
 
 
 class SVDConfig(MethodConfig):
@@ -21,7 +22,7 @@ def svd_transform(weight: torch.Tensor, stats: GramStats | None, config: SVDConf
     return Transform("identity")
 
 
-register(Method(
-    name="svd", verb="compress", config_class=SVDConfig, build=svd_transform,
+register(LowRankMethod(
+    name="svd", config_class=SVDConfig, transform=svd_transform,
     paper="Eckart & Young 1936 (truncated SVD)", summary="data-free truncated SVD",
 ))
