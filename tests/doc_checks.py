@@ -21,27 +21,24 @@ import typer.main
 import yaml
 
 from doc_commands import Command
+from subspace_cli.cli.app import COMMAND_MODULES
 from subspace_cli.errors import SubspaceError
+from subspace_cli.pipelines.verbs import VERBS
 
 REPO = Path(__file__).resolve().parents[1]
 
 # typer vendors click in recent releases; its exceptions and click's share this base either way.
 CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
+
 # Placeholders the docs write in synopsis lines, and what the check does with each.
 KEPT = {"MODEL", "BASE", "MODEL_A", "MODEL_B", "DIR", "D", "F", "R"}  # passed as written: nothing opens them before loading
 DROPPED = {"M", "LR", "KEY=VALUE"}  # dropped with their flag (which must exist): the default stands in
 FRAGMENT = {"CONFIG.yaml"}  # a file the command would read: only the flags are checked
 
-# verb -> (module under cli/, module under pipelines/, the runner the cli module calls)
-RUNNERS = {
-    "compress": ("compress", "compress", "run_compress"),
-    "adapt": ("adapt", "adapt", "run_adapt"),
-    "merge": ("merge", "merge", "run_merge"),
-    "unlearn": ("unlearn", "unlearn", "run_unlearn"),
-    "eval": ("evaluate", "evaluate", "run_eval"),
-    "inspect": ("inspect", "inspect", "run_inspect"),
-}
+# verb -> (module under cli/, module under pipelines/, the runner the cli module calls), from the verb table
+RUNNERS = {name: (COMMAND_MODULES.get(name, name), verb.pipeline.rsplit(".", 1)[1], verb.runner)
+           for name, verb in VERBS.items()}
 WRITES_OUT = {"compress", "adapt", "merge", "unlearn", "schema"}
 MODEL_FIELDS = {"model", "base", "baseline", "models"}
 VARIABLE = re.compile(r"\$\{\{[^}]*\}\}|\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")

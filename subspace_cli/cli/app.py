@@ -51,7 +51,7 @@ class SubspaceGroup(TyperGroup):
 app = typer.Typer(
     cls=SubspaceGroup,
     name="subspace",
-    help="Subspace surgery on Hugging Face checkpoints: compress, adapt, merge, unlearn, inspect, evaluate.",
+    help="Subspace surgery on Hugging Face checkpoints: compress, adapt, merge, unlearn, inspect, evaluate, bench.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -74,7 +74,7 @@ def _root(
 
 
 # Each verb of pipelines/verbs.py has its command in cli/<module>.py; then the tools around them.
-_COMMAND_MODULES = {"eval": "evaluate"}
+COMMAND_MODULES = {"eval": "evaluate"}
 _TOOLS = ("run", "schema", "methods")
 
 
@@ -84,7 +84,7 @@ def _register() -> None:
     from subspace_cli.pipelines.verbs import VERBS
 
     for name in (*VERBS, *_TOOLS):
-        importlib.import_module(f"subspace_cli.cli.{_COMMAND_MODULES.get(name, name)}").register(app)
+        importlib.import_module(f"subspace_cli.cli.{COMMAND_MODULES.get(name, name)}").register(app)
 
 
 _register()

@@ -15,12 +15,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from subspace_cli.pipelines.adapt_config import AdaptConfig
+from subspace_cli.pipelines.bench import BenchConfig
 from subspace_cli.pipelines.compress_config import CompressConfig
 from subspace_cli.pipelines.evaluate import EvalConfig
 from subspace_cli.pipelines.inspect import InspectConfig
 from subspace_cli.pipelines.merge_config import MergeConfig
 from subspace_cli.pipelines.unlearn_config import UnlearnConfig
-from subspace_cli.report.render import print_eval, print_inspect, print_report
+from subspace_cli.report.render import print_bench, print_eval, print_inspect, print_report
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ VERBS: dict[str, Verb] = {verb.name: verb for verb in (
     Verb("unlearn", UnlearnConfig, "subspace_cli.pipelines.unlearn", "run_unlearn", print_report),
     Verb("eval", EvalConfig, "subspace_cli.pipelines.evaluate", "run_eval", print_eval, writes_output=False),
     Verb("inspect", InspectConfig, "subspace_cli.pipelines.inspect", "run_inspect", print_inspect, writes_output=False),
+    Verb("bench", BenchConfig, "subspace_cli.pipelines.bench", "run_bench", print_bench, writes_output=False),
 )}
 
 
