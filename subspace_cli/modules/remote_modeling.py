@@ -92,10 +92,8 @@ def pack_bitmask(indices, atoms):
 
 
 def scatter_product(z, values, indices):
-    """y = z·Sᵀ for S [out, atoms] scattered from values and atom ids [out, s]; z (..., atoms) -> (..., out).
-
-    DictionaryLinear's default product: a transient the size of one [out, atoms] matrix, then one GEMM.
-    """
+    """y = z·Sᵀ, S [out, atoms] scattered from values / atom ids [out, s]; z (..., atoms) -> (..., out).
+    DictionaryLinear's default product: one transient [out, atoms] matrix, then one GEMM."""
     dense = torch.zeros(values.shape[0], z.shape[-1], dtype=values.dtype, device=values.device)
     return F.linear(z, dense.scatter_(1, indices.long(), values))
 
