@@ -74,3 +74,22 @@ def test_bad_input_is_one_line_exit_2(tiny_llama, tiny_bert, args, message):
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
+
+
+@pytest.mark.slow  # compresses a model
+def test_compress_bench_adds_the_figures_to_the_report(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("compress", tiny_llama, "--method", "svd", "--ratio", "0.4", "--skip-eval", "--bench", "--out", out,
+                     "--quiet", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    dense, small = report["bench"]["models"]
+    assert (dense["model"], small["model"]) == (str(tiny_llama), str(out))  # named by --out, not the temp dir
+    # the weights benched are the ones written: they differ by the parameters removed, 4 bytes each (fp32;
+    # buffers such as rotary tables are the same in both)
+    removed = report["params"]["model_before"] - report["params"]["model_after"]
+    assert dense["weight_bytes"] - small["weight_bytes"] == 4 * removed > 0
+    assert small["decode_ceiling"] == pytest.approx(dense["weight_bytes"] / small["weight_bytes"], rel=1e-12)
+    assert "bench" in report["timings_s"]
+    assert "## Inference speed" in (out / "report.md").read_text()
+    assert json.loads(result.stdout)["bench"]["models"][1]["model"] == str(out)

@@ -31,6 +31,7 @@ def compress(
     eval_seqlen: int = field_option(C, "eval_seqlen"),
     eval_chars: int = field_option(C, "eval_chars"),
     skip_eval: bool = field_option(C, "skip_eval"),
+    bench: bool = field_option(C, "bench"),
     targets: Optional[str] = field_option(C, "targets"),
     exclude: Optional[str] = field_option(C, "exclude"),
     structure: Optional[str] = field_option(C, "structure"),

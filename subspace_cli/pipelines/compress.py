@@ -289,10 +289,26 @@ def compress_and_write(config: CompressConfig) -> tuple[Report, nn.Module]:
             if config.format == "dense":
                 densify_(model)
             write_checkpoint(model, tmp, source_dir=loaded.path, max_shard_size=shard_size_bytes(config.shard_size))
-        return _build_report(config, state, params_before, before, after, timer, notes)
+        report = _build_report(config, state, params_before, before, after, timer, notes)
+        if config.bench:
+            with timer.stage("bench"):
+                report.bench = bench_output(config, tmp)
+            measured(report, timer)
+        return report
 
     report = write_output("compress", config, write, processes)
     return report or _build_report(config, state, params_before, before, after, timer, notes), model
+
+
+def bench_output(config: CompressConfig, written: Path) -> dict:
+    """`subspace bench` of the input model and the checkpoint just written (in the temporary directory;
+    the report names it by --out)."""
+    from subspace_cli.pipelines.bench import BenchConfig, run_bench
+
+    result = run_bench(BenchConfig(models=[config.model, str(written)], device=config.device, dtype=config.dtype,
+                                   allow_pickle=config.allow_pickle, seed=config.seed))
+    result["models"][1]["model"] = str(config.out)
+    return result
 
 
 def _build_report(config, state, params_before, before, after, timer, notes) -> Report:

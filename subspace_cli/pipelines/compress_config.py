@@ -55,6 +55,8 @@ class CompressConfig(RunOptions):
     eval_seqlen: int = Field(512, ge=8, description="tokens per perplexity window (non-overlapping)")
     eval_chars: int = Field(40000, ge=100, description="characters of held-out text scored per source")
     skip_eval: bool = Field(False, description="skip the before/after perplexity evaluation")
+    bench: bool = Field(False, description="also measure prefill / decode speed of the output against the input model "
+                        "(`subspace bench` with its defaults; loads both once more) and add it to the report")
     targets: str | None = Field(
         None, description="regex: only layers whose dotted path matches (experts: model.layers.N.mlp.experts."
         "gate_up_proj.E; lm_head and the input embedding only when it names them)")

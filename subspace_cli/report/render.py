@@ -41,6 +41,8 @@ def to_markdown(report: Report) -> str:
     lines += [f"| {k} | {v:.2f} |" for k, v in report.timings_s.items()]
     lines += ["", f"Peak RSS: {report.peak_rss_mb:.0f} MiB" + (
         f"; peak device memory: {report.peak_device_mb:.0f} MiB" if report.peak_device_mb is not None else ""), ""]
+    if report.bench:
+        lines += _bench_section(report.bench)
     if report.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
     if any(m.tokens is not None for m in report.matrices):
@@ -52,6 +54,19 @@ def to_markdown(report: Report) -> str:
                   "```", ""]
     lines += ["## Options", "", "```yaml", yaml.safe_dump(report.config, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _bench_section(bench: dict) -> list[str]:
+    lines = ["## Inference speed", "", f"{bench['device']}, {bench['dtype']}, {bench['threads']} threads, prompt "
+             f"{bench['prompt_len']} tokens, {bench['decode_tokens']} decode tokens, best of {bench['rounds']} "
+             "interleaved rounds (`subspace bench`).", "",
+             "| model | weights MiB | prefill ms | decode ms/token | prefill × | decode × | memory-bound ceiling × |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in bench["models"]:
+        lines.append(f"| {row['model']} | {row['weight_bytes'] / 2**20:,.1f} | {row['prefill_ms']:.1f} | "
+                     f"{row['decode_ms_per_token']:.2f} | {row['prefill_speedup']:.2f} | {row['decode_speedup']:.2f} | "
+                     f"{row['decode_ceiling']:.2f} |")
+    return lines + [""]
 
 
 def _training_section(report: Report) -> list[str]:

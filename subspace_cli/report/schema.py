@@ -130,6 +130,7 @@ class Report(BaseModel):
     adapters: list[AdapterLayerReport] = Field(default_factory=list)  # adapt
     merge: MergeReport | None = None  # merge
     unlearn: UnlearnReport | None = None  # unlearn
+    bench: dict[str, Any] | None = None  # compress --bench: `subspace bench` of the input and the output
 
     def summary(self) -> dict[str, Any]:
         """The one-object `--json` summary: everything but the per-matrix table."""
