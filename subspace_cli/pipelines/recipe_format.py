@@ -3,8 +3,9 @@
 Single step, as every output's recipe.yaml:   {verb: NAME, config: {...}}
 Pipeline, steps run in order:                 {vars: {...}, steps: [{name, verb, config}, ...]}
 
-Importing this module must not import torch: `subspace run --dry-run` and `subspace schema`
-only need the verbs' config classes (pipelines/verbs.py), which live in torch-free modules.
+Importing this module must not import torch (recipe validation stays fast): it needs only the
+verbs' config classes (pipelines/verbs.py), which live in torch-free modules. `subspace schema`
+also lists each verb's registered methods, which imports them (recipe_schema.py).
 """
 
 from __future__ import annotations

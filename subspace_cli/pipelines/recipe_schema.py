@@ -6,6 +6,8 @@ pipeline configs get a copy of each verb's schema in which every property (and l
 accepts a string holding a reference. Single-step recipes are not substituted and keep the
 strict schema, except that a list field also takes one item: the verbs' validators read
 `data: builtin:kjv` as `[builtin:kjv]` (and split commas), and an editor should not flag it.
+A verb with methods gets `method` as an enum of its registered methods and `options` as one of
+their option schemas (this imports the method modules, hence torch).
 """
 
 from __future__ import annotations
