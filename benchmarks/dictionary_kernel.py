@@ -31,11 +31,8 @@ from subspace_cli.kernels.packed_product import (
     use_packed_product,
 )
 from subspace_cli.linalg.dictionary_budget import DictionarySize, position_bytes
-from subspace_cli.modules.remote_modeling import (
-    DictionaryLinear,
-    LowRankLinear,
-    scatter_product,
-)
+from subspace_cli.modules.lowrank import dictionary_from_factors
+from subspace_cli.modules.remote_modeling import LowRankLinear, scatter_product
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536)]  # (out, in): attention q/o, MLP up/gate, MLP down
 BATCHES = (1, 64)
@@ -67,7 +64,7 @@ def build(out_f: int, in_f: int, size: DictionarySize, rank: int, dtype, device)
     dense = nn.Linear(in_f, out_f, dtype=dtype, device=device)
     lowrank = LowRankLinear.from_factors(randn(out_f, rank), randn(rank, in_f), randn(out_f))
     indices = torch.rand(out_f, k, generator=g).argsort(1)[:, :s].sort(1).values.to(device)
-    dictionary = DictionaryLinear.from_factors(randn(k, in_f), randn(out_f, s), indices, randn(out_f),
+    dictionary = dictionary_from_factors(randn(k, in_f), randn(out_f, s), indices, randn(out_f),
                                                positions=size.positions)
     return [m.requires_grad_(False) for m in (dense, lowrank, dictionary)]
 

@@ -117,11 +117,11 @@ def test_triton_non_contiguous_inputs():
 
 @pytest.mark.parametrize("positions", ["indices", "bitmask"])
 def test_dictionary_linear_torch_path_is_the_packed_product(positions):
-    from subspace_cli.modules.remote_modeling import DictionaryLinear
+    from subspace_cli.modules.lowrank import dictionary_from_factors
 
     values, indices = _code(11, 16, 4, seed=8)
     dictionary, bias, x = torch.randn(16, 9), torch.randn(11), torch.randn(2, 3, 9)
-    module = DictionaryLinear.from_factors(dictionary, values, indices, bias, positions=positions)
+    module = dictionary_from_factors(dictionary, values, indices, bias, positions=positions)
     expected = packed_product_reference(x @ dictionary.T, values, indices) + bias
     with torch.no_grad():
         assert _rel(module(x), expected) < FP32_REL
@@ -249,11 +249,11 @@ def test_op_compiles_fullgraph():
 
 
 def _two_modules(positions="indices"):
-    from subspace_cli.modules.remote_modeling import DictionaryLinear
+    from subspace_cli.modules.lowrank import dictionary_from_factors
 
     values, indices = _code(11, 16, 4, seed=17)
-    make = lambda: DictionaryLinear.from_factors(torch.randn(16, 9), values, indices, torch.randn(11),
-                                                 positions=positions)
+    make = lambda: dictionary_from_factors(torch.randn(16, 9), values, indices, torch.randn(11),
+                                           positions=positions)
     return make(), make()
 
 

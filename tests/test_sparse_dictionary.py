@@ -7,7 +7,8 @@ import torch
 
 from subspace_cli.linalg.dictionary_budget import dictionary_size, position_bytes
 from subspace_cli.linalg.sparse_dictionary import _omp_chunk, batched_omp, fit_dictionary, ksvd_update_
-from subspace_cli.modules.remote_modeling import DictionaryLinear, _unpack_bitmask, pack_bitmask
+from subspace_cli.modules.lowrank import dictionary_from_factors, pack_bitmask
+from subspace_cli.modules.remote_modeling import DictionaryLinear, _unpack_bitmask
 
 
 def _unit_columns(m, k, seed, dtype=torch.float64):
@@ -149,7 +150,7 @@ def test_dictionary_linear_matches_its_dense_weight(positions):
     ids = torch.rand(out_f, k, generator=g).argsort(1)[:, :s]  # unsorted on purpose
     values = torch.randn(out_f, s, generator=g)
     bias = torch.randn(out_f, generator=g)
-    module = DictionaryLinear.from_factors(dictionary, values, ids, bias, positions=positions)
+    module = dictionary_from_factors(dictionary, values, ids, bias, positions=positions)
     weight = torch.zeros(out_f, k).scatter_(1, ids, values) @ dictionary
     x = torch.randn(3, 4, in_f, generator=g)
     assert torch.allclose(module(x), x @ weight.T + bias, atol=1e-5)
@@ -166,8 +167,8 @@ def test_bitmask_round_trip_and_wide_indices():
 
 
 def test_shared_dictionary_is_read_from_its_owner():
-    owner = DictionaryLinear.from_factors(torch.randn(6, 4), torch.randn(3, 2), torch.tensor([[0, 1], [2, 3], [4, 5]]))
-    follower = DictionaryLinear.from_factors(torch.randn(6, 4), torch.randn(3, 2), torch.tensor([[1, 2], [0, 5], [3, 4]]))
+    owner = dictionary_from_factors(torch.randn(6, 4), torch.randn(3, 2), torch.tensor([[0, 1], [2, 3], [4, 5]]))
+    follower = dictionary_from_factors(torch.randn(6, 4), torch.randn(3, 2), torch.tensor([[1, 2], [0, 5], [3, 4]]))
     follower.share_dictionary(owner)
     assert "dictionary" not in dict(follower.named_parameters())
     assert follower.dictionary_weight is owner.dictionary

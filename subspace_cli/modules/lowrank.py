@@ -25,6 +25,7 @@ __all__ = [
     "TiedLowRankLinear",
     "apply_factored_layout",
     "densify_",
+    "dictionary_from_factors",
     "factored_layout",
     "layout_format_version",
 ]
@@ -32,6 +33,38 @@ __all__ = [
 FACTORED_TYPES = (LowRankLinear, DictionaryLinear, LowRankExperts, LowRankEmbedding, TiedLowRankLinear)
 # Kinds a version-2 reader does not know (format version 3).
 _VERSION_3_KINDS = ("lowrank_experts", "lowrank_embedding", "tied_lowrank")
+
+
+def pack_bitmask(indices, atoms):
+    """Atom ids [out, s] -> bitmask [out, ceil(atoms/8)] uint8, bit a of row o set when o uses atom a."""
+    out = indices.shape[0]
+    bits = torch.zeros(out, -(-atoms // 8) * 8, dtype=torch.uint8, device=indices.device)
+    bits.scatter_(1, indices.long(), 1)
+    weights = (1 << torch.arange(8, device=indices.device)).to(torch.uint8)
+    return (bits.reshape(out, -1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def dictionary_from_factors(dictionary: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                            bias: torch.Tensor | None = None, positions: str = "indices") -> DictionaryLinear:
+    """A DictionaryLinear from D [atoms, in], values [out, s], atom ids [out, s] and an optional bias [out],
+    positions stored as `indices` or a bit `mask`. Writer side: checkpoints load without it."""
+    atoms, in_features = dictionary.shape
+    out_features, nonzeros = values.shape
+    if tuple(indices.shape) != (out_features, nonzeros):
+        raise ValueError(f"indices {tuple(indices.shape)} and values {tuple(values.shape)} differ in shape")
+    order = indices.long().sort(dim=1)
+    module = DictionaryLinear(in_features, out_features, atoms, nonzeros, bias=bias is not None, positions=positions,
+                              dtype=dictionary.dtype, device=dictionary.device)
+    with torch.no_grad():
+        module.dictionary.copy_(dictionary)
+        module.values.copy_(values.gather(1, order.indices).to(dictionary.dtype))
+        if positions == "indices":
+            module.indices.copy_(order.values)
+        else:
+            module.mask.copy_(pack_bitmask(order.values, atoms))
+        if bias is not None:
+            module.bias.copy_(bias.to(dictionary.dtype))
+    return module
 
 
 def _module_spec(module: nn.Module, paths: dict[int, str]) -> dict:

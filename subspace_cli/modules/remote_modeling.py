@@ -82,15 +82,6 @@ def _unpack_bitmask(mask, atoms, nonzeros):
     return torch.sort((~bits).to(torch.uint8), dim=1, stable=True).indices[:, :nonzeros]
 
 
-def pack_bitmask(indices, atoms):
-    """Atom ids [out, s] -> bitmask [out, ceil(atoms/8)] uint8, bit a of row o set when o uses atom a."""
-    out = indices.shape[0]
-    bits = torch.zeros(out, -(-atoms // 8) * 8, dtype=torch.uint8, device=indices.device)
-    bits.scatter_(1, indices.long(), 1)
-    weights = (1 << torch.arange(8, device=indices.device)).to(torch.uint8)
-    return (bits.reshape(out, -1, 8) * weights).sum(-1, dtype=torch.uint8)
-
-
 def scatter_product(z, values, indices):
     """y = z·Sᵀ, S [out, atoms] scattered from values / atom ids [out, s]; z (..., atoms) -> (..., out).
     DictionaryLinear's default product: one transient [out, atoms] matrix, then one GEMM."""
@@ -134,27 +125,6 @@ class DictionaryLinear(nn.Module):
         # subspace's loader may set its Triton op here on CUDA (this file never imports it).
         self.product = scatter_product
         self._decoded = None  # (mask version key, int64 ids) cache for the bitmask form
-
-    @classmethod
-    def from_factors(cls, dictionary, values, indices, bias=None, positions="indices"):
-        """Build from D [atoms, in], values [out, s], atom ids [out, s] and an optional bias [out]."""
-        atoms, in_features = dictionary.shape
-        out_features, nonzeros = values.shape
-        if tuple(indices.shape) != (out_features, nonzeros):
-            raise ValueError(f"indices {tuple(indices.shape)} and values {tuple(values.shape)} differ in shape")
-        order = indices.long().sort(dim=1)
-        module = cls(in_features, out_features, atoms, nonzeros, bias=bias is not None, positions=positions,
-                     dtype=dictionary.dtype, device=dictionary.device)
-        with torch.no_grad():
-            module.dictionary.copy_(dictionary)
-            module.values.copy_(values.gather(1, order.indices).to(dictionary.dtype))
-            if positions == "indices":
-                module.indices.copy_(order.values)
-            else:
-                module.mask.copy_(pack_bitmask(order.values, atoms))
-            if bias is not None:
-                module.bias.copy_(bias.to(dictionary.dtype))
-        return module
 
     def share_dictionary(self, owner):
         """Use `owner`'s dictionary from now on; this module's own is dropped."""

@@ -93,6 +93,15 @@ def _cache_of(output):
     return cache if cache is not None else output.past_key_values
 
 
+def _decode(model, prefilled, steps: int, cache_kwarg: str) -> None:
+    """`steps` greedy tokens after a prefill, one token per forward with the KV cache."""
+    past, logits = _cache_of(prefilled), prefilled.logits
+    for _ in range(steps):
+        step = logits[:, -1].argmax(-1, keepdim=True)  # [b, 1]
+        result = model(input_ids=step, use_cache=True, **{cache_kwarg: past})
+        past, logits = _cache_of(result), result.logits
+
+
 def measure_round(model, prompt_len: int, decode_tokens: int, batch_sizes: list[int], seed: int) -> dict:
     """One round on one model: prefill seconds (batch 1), and per batch size the decode seconds of
     `decode_tokens` greedy steps after a prefill (cache on)."""
@@ -109,24 +118,11 @@ def measure_round(model, prompt_len: int, decode_tokens: int, batch_sizes: list[
     with torch.inference_mode():
         for batch in batch_sizes:
             ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)  # [b, L]
-            state = {}
-
-            def prefill():
-                state["out"] = model(input_ids=ids, use_cache=True, **last_logits)
-
-            seconds = _timed(prefill, device)
+            prefilled = []
+            seconds = _timed(lambda: prefilled.append(model(input_ids=ids, use_cache=True, **last_logits)), device)
             if batch == 1:
                 out["prefill_s"] = seconds
-
-            def decode():
-                past, logits = _cache_of(state["out"]), state["out"].logits
-                for _ in range(decode_tokens):
-                    step = logits[:, -1].argmax(-1, keepdim=True)  # [b, 1] greedy
-                    result = model(input_ids=step, use_cache=True, **{cache_kwarg: past})
-                    past, logits = _cache_of(result), result.logits
-
-            out["decode_s"][batch] = _timed(decode, device)
-            del state
+            out["decode_s"][batch] = _timed(lambda: _decode(model, prefilled[0], decode_tokens, cache_kwarg), device)
     return out
 
 

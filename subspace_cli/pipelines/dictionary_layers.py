@@ -21,7 +21,7 @@ from subspace_cli.linalg.dictionary_budget import dictionary_size
 from subspace_cli.linalg.gram import GramStats
 from subspace_cli.linalg.rank_allocation import MatrixSpec
 from subspace_cli.linalg.truncation import decompose, factors, weighted_relative_error
-from subspace_cli.modules.lowrank import DictionaryLinear
+from subspace_cli.modules.lowrank import DictionaryLinear, dictionary_from_factors
 from subspace_cli.report.schema import MatrixReport
 from subspace_cli.walk import weight_matrix
 
@@ -122,7 +122,7 @@ def compress_group(members: list[Member], state, seed: int) -> GroupResult:
         weight = weights[m.name]
         part = slice(i * out_f, (i + 1) * out_f)
         bias = getattr(m.module, "bias", None)
-        module = DictionaryLinear.from_factors(
+        module = dictionary_from_factors(
             fitted.dictionary.to(weight.dtype), fitted.values[part].to(weight.dtype), fitted.indices[part],
             None if bias is None else bias.detach().clone(), positions=size.positions).to(weight.device)
         if owner is None:
