@@ -19,7 +19,7 @@ from method_contracts import adapter_round_trip_error, merge_contract, method_na
 from subspace_cli.linalg.truncation import Transform
 from subspace_cli.methods.adapt.base import AdapterMethod
 from subspace_cli.methods.adapt.lora_family import LoraConfig
-from subspace_cli.methods.catalog import methods_for
+from subspace_cli.methods.catalog import method_for_config, methods_for
 from subspace_cli.methods.compress.base import LowRankMethod
 from subspace_cli.methods.merge.base import TensorMerge, fp32
 from subspace_cli.methods.registry import MethodConfig, Needs, register, unregister
@@ -127,6 +127,9 @@ def test_registered_methods_appear_everywhere_and_run(tmp_path):
 
 
 def test_a_config_class_names_one_method():
+    for verb in ("compress", "adapt", "merge", "unlearn"):
+        for method in methods_for(verb).values():  # a resolved config names its method, no string needed
+            assert method_for_config(method.make_config({})) is method
     lora = methods_for("adapt")["lora"]
     clash = AdapterMethod(name="lora-clash", config_class=type(lora.make_config({})), attach=lora.attach,
                           default_lr=1e-3, paper="-", summary="-")
