@@ -31,9 +31,11 @@ STEPS=(
   "dictionary_kernel|$PYTHON benchmarks/dictionary_kernel.py --json \$RESULTS/dictionary_kernel.json"
   "dora_speed_r16|$PYTHON benchmarks/dora_speed.py --rank 16"
   "dora_speed_r256|$PYTHON benchmarks/dora_speed.py --rank 256"
+  "rank_multiple|$PYTHON benchmarks/rank_multiple.py --device cuda"
   "compress|$PYTHON -m subspace_cli compress $MODEL --method svd-llm --ratio 0.2 --calib builtin:shakespeare --device cuda --out \$WORK/compress --overwrite --json"
   "compress_40|$PYTHON -m subspace_cli compress $MODEL --method svd-llm --ratio 0.4 --calib builtin:shakespeare --device cuda --out \$WORK/compress_40 --overwrite --json"
-  "bench|$PYTHON -m subspace_cli bench $MODEL \$WORK/compress \$WORK/compress_40 --device cuda --rounds 5 --json"
+  "compress_cospadi|$PYTHON -m subspace_cli compress $MODEL --method cospadi --ratio 0.2 --calib builtin:shakespeare --device cuda --out \$WORK/compress_cospadi --overwrite --json"
+  "bench|$PYTHON -m subspace_cli bench $MODEL \$WORK/compress \$WORK/compress_40 \$WORK/compress_cospadi --device cuda --rounds 5 --json"
   "adapt|$PYTHON -m subspace_cli adapt $MODEL --method dora --data builtin:kjv --rank 16 --steps 100 --batch-size 8 --seqlen 256 --precision bf16 --device cuda --out \$WORK/adapt --overwrite --json"
 )
 

@@ -84,7 +84,7 @@ def test_apply_layout_on_meta_and_unknown_kind():
     apply_factored_layout(model, {"2": spec})
     assert isinstance(model[2], LowRankLinear) and model[2].up.weight.is_meta
     assert factored_layout(model) == {"2": spec}
-    with pytest.raises(ValueError, match=r"'sparse'.*format version 3"):
+    with pytest.raises(ValueError, match=r"'sparse'.*format version 4"):
         apply_factored_layout(model, {"0": {**spec, "kind": "sparse"}})
     with pytest.raises(ValueError, match="layout says"):
         apply_factored_layout(model, {"0": spec})  # (in, out) = (8, 16), not (16, 8)

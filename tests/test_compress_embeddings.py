@@ -64,13 +64,15 @@ def test_tied_embedding_factored_once_and_still_tied(tiny_llama, text_file, tmp_
         assert type(embedding).__name__ == "LowRankEmbedding" and type(head).__name__ == "TiedLowRankLinear"
         assert head._owner[0] is embedding  # the head reads the embedding's factors
     section = json.loads((tmp_path / "out" / "config.json").read_text())["subspace"]
-    assert section["format_version"] == 3
+    assert section["format_version"] == 4  # fused q/k/v and gate/up down factors
     assert section["modules"]["lm_head"] == {"kind": "tied_lowrank", "factors_of": "model.embed_tokens",
                                              "in_features": 32, "out_features": 128, "bias": False}
     assert not [k for k in _keys(tmp_path / "out") if k.startswith("lm_head")]  # stored once
     rows = [m for m in report.matrices if m.name in ("model.embed_tokens", "lm_head")]
     assert [m.name for m in rows] == ["model.embed_tokens"] and rows[0].shape == (128, 32)
-    assert rows[0].rank == int(0.7 * 128 * 32 / 160) and rows[0].params_after == rows[0].rank * 160
+    uniform = int(0.7 * 128 * 32 / 160)
+    assert rows[0].rank == uniform - uniform % 8  # rounded down to --rank-multiple (auto: 8 on CPU)
+    assert rows[0].params_after == rows[0].rank * 160
     assert any("tied matrix" in n for n in report.notes)
 
 
@@ -93,7 +95,8 @@ def test_default_targets_leave_the_vocabulary_alone(qwen2, text_file, tmp_path):
     report = run_compress(_config(qwen2, tmp_path / "out", text_file, targets=None))
     assert not [m for m in report.matrices if "embed" in m.name or "lm_head" in m.name]
     section = json.loads((tmp_path / "out" / "config.json").read_text())["subspace"]
-    assert section["format_version"] == 1
+    kinds = {spec["kind"] for spec in section["modules"].values()}
+    assert kinds == {"lowrank", "lowrank_group", "grouped_lowrank"} and section["format_version"] == 4
     with safe_open(str(qwen2 / "model.safetensors"), "pt") as a, \
             safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as b:
         for key in ("model.embed_tokens.weight", "lm_head.weight"):

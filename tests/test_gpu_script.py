@@ -37,7 +37,7 @@ def test_dry_run_commands_are_valid(tmp_path):
     result = _run({"DRY_RUN": "1", "PYTHON": "python3"})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert len(lines) == 7
+    assert len(lines) == 9
     verbs = []
     for number, line in enumerate(lines, 1):
         command = Command("benchmarks/gpu.sh", number, line, tuple(shlex.split(line)))
@@ -47,7 +47,7 @@ def test_dry_run_commands_are_valid(tmp_path):
             assert config.device == "cuda"
         else:
             assert (REPO / command.argv[1]).is_file(), f"gpu.sh runs a missing script: {line}"
-    assert verbs == ["compress", "compress", "bench", "adapt"]
+    assert verbs == ["compress", "compress", "compress", "bench", "adapt"]
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU refusal")
@@ -70,8 +70,8 @@ def test_records_each_step_and_exits_with_the_failing_code(tmp_path):
     assert summary.startswith("# GPU figures: Fake GPU 9000 (80GB)")
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in summary.splitlines()
             if line.startswith("| ") and not line.startswith("| step")}
-    assert rows == {"dictionary_kernel": "0", "dora_speed_r16": "0", "dora_speed_r256": "0", "compress": "0",
-                    "compress_40": "0", "bench": "0", "adapt": "3"}
+    assert rows == {"dictionary_kernel": "0", "dora_speed_r16": "0", "dora_speed_r256": "0", "rank_multiple": "0",
+                    "compress": "0", "compress_40": "0", "compress_cospadi": "0", "bench": "0", "adapt": "3"}
     assert "ran: benchmarks/dictionary_kernel.py --json" in (results / "dictionary_kernel.log").read_text()
     assert (results / "compress.report.json").read_text().strip() == '{"verb": "fake"}'
     assert "adapt failed with exit 3" in result.stderr

@@ -101,7 +101,10 @@ def test_factored_checkpoint_loads_with_the_in_memory_logits(compressed, tmp_pat
     assert report.params.targeted_ratio_removed >= RATIO - 0.03, report.params  # rank granularity of 32-wide matrices
     config = json.loads((out / "config.json").read_text())
     assert config["subspace"]["base_architecture"] == ARCHITECTURES[name][1]
-    assert set(config["subspace"]["modules"]) <= linears and config["subspace"]["modules"]
+    modules = config["subspace"]["modules"]
+    groups = {path for path, spec in modules.items() if spec["kind"] == "lowrank_group"}  # fused down factors
+    assert set(modules) - groups <= linears and modules
+    assert all(set(modules[g]["members"]) <= linears and len(modules[g]["members"]) >= 2 for g in groups)
     loaded = load_model(out)
     assert not any(isinstance(m, nn.Linear) and n in config["subspace"]["modules"] for n, m in loaded.named_modules())
     torch.testing.assert_close(logits(loaded, probe_ids()), expected, atol=ATOL, rtol=0)

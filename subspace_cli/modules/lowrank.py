@@ -12,27 +12,42 @@ from torch import nn
 
 from subspace_cli.walk import is_conv1d, set_submodule
 
-from .remote_modeling import (FORMAT_VERSION, DictionaryLinear, LowRankEmbedding, LowRankExperts, LowRankLinear,
-                              TiedLowRankLinear, apply_factored_layout, existing_tied_keys)
+from .remote_modeling import (
+    FORMAT_VERSION,
+    DictionaryLinear,
+    GroupedLowRankLinear,
+    LowRankEmbedding,
+    LowRankExperts,
+    LowRankGroup,
+    LowRankLinear,
+    TiedLowRankLinear,
+    apply_factored_layout,
+    existing_tied_keys,
+)
 
 __all__ = [
     "FACTORED_TYPES",
     "FORMAT_VERSION",
     "DictionaryLinear",
+    "GroupedLowRankLinear",
     "LowRankEmbedding",
     "LowRankExperts",
+    "LowRankGroup",
     "LowRankLinear",
     "TiedLowRankLinear",
     "apply_factored_layout",
     "densify_",
     "dictionary_from_factors",
     "factored_layout",
+    "fuse_shared_inputs",
     "layout_format_version",
 ]
 
-FACTORED_TYPES = (LowRankLinear, DictionaryLinear, LowRankExperts, LowRankEmbedding, TiedLowRankLinear)
-# Kinds a version-2 reader does not know (format version 3).
+FACTORED_TYPES = (LowRankLinear, DictionaryLinear, LowRankExperts, LowRankEmbedding, TiedLowRankLinear,
+                  LowRankGroup, GroupedLowRankLinear)
+# Kinds a reader of the previous version does not know.
 _VERSION_3_KINDS = ("lowrank_experts", "lowrank_embedding", "tied_lowrank")
+_VERSION_4_KINDS = ("lowrank_group", "grouped_lowrank")
 
 
 def pack_bitmask(indices, atoms):
@@ -64,7 +79,41 @@ def dictionary_from_factors(dictionary: torch.Tensor, values: torch.Tensor, indi
             module.mask.copy_(pack_bitmask(order.values, atoms))
         if bias is not None:
             module.bias.copy_(bias.to(dictionary.dtype))
+    # The run that builds it (compress, then its evaluation) keeps to the planned memory; a loaded
+    # checkpoint chooses its inference form (docs/format.md).
+    module.representation = "packed"
     return module
+
+
+def fuse_shared_inputs(model: nn.Module, group: list[str]) -> str | None:
+    """Stack the down factors of the LowRankLinear layers `group` (paths of layers fed the very same
+    input tensor, e.g. q/k/v) into one LowRankGroup; each layer becomes a GroupedLowRankLinear
+    reading its slice. The group is a new child of the layers' common parent, named after them
+    (`self_attn.fused_q_proj_k_proj_v_proj`). Returns its path, or None when fewer than two of
+    the layers are LowRankLinear (nothing to fuse). Same products, one GEMM instead of n.
+    """
+    members = [path for path in group if isinstance(model.get_submodule(path), LowRankLinear)]
+    if len(members) < 2:
+        return None
+    parts = [path.split(".") for path in members]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    parent = ".".join(parts[0][:common])
+    name = "fused_" + "_".join("_".join(p[common:]) for p in parts)
+    layers = [model.get_submodule(path) for path in members]
+    with torch.no_grad():
+        down = torch.cat([m.down.weight for m in layers])  # [Σr, in]
+        fused = LowRankGroup(layers[0].in_features, [m.rank for m in layers], dtype=down.dtype, device=down.device)
+        fused.down.weight.copy_(down)
+    set_submodule(model, f"{parent}.{name}" if parent else name, fused)
+    for path, layer, offset in zip(members, layers, fused.offsets()):
+        grouped = GroupedLowRankLinear(layer.in_features, layer.out_features, layer.rank, offset,
+                                       bias=layer.up.bias is not None, dtype=down.dtype, device=down.device)
+        grouped.up.load_state_dict(layer.up.state_dict())
+        grouped.join(fused)
+        set_submodule(model, path, grouped)
+    return f"{parent}.{name}" if parent else name
 
 
 def _module_spec(module: nn.Module, paths: dict[int, str]) -> dict:
@@ -82,7 +131,12 @@ def _module_spec(module: nn.Module, paths: dict[int, str]) -> dict:
         if module.padding_idx is not None:
             spec["padding_idx"] = module.padding_idx
         return spec
+    if isinstance(module, LowRankGroup):  # factored_layout fills in "members"
+        return {"kind": "lowrank_group", "in_features": module.in_features, "ranks": module.ranks, "members": []}
     spec = {"in_features": module.in_features, "out_features": module.out_features}
+    if isinstance(module, GroupedLowRankLinear):
+        return {"kind": "grouped_lowrank", "rank": module.rank, "offset": module.offset, "bias": module.up.bias is not None,
+                "group": paths[id(module._group[0])], **spec}
     if isinstance(module, TiedLowRankLinear):
         return {"kind": "tied_lowrank", "factors_of": paths[id(module._owner[0])], "bias": False, **spec}
     if isinstance(module, LowRankLinear):
@@ -108,13 +162,20 @@ def factored_layout(model: nn.Module) -> dict:
     """The layout dict describing every factored module in `model` (what config.json stores)."""
     found = _factored_modules(model)
     paths = {id(m): name for name, m in found.items()}
-    return {name: _module_spec(m, paths) for name, m in found.items()}
+    layout = {name: _module_spec(m, paths) for name, m in found.items()}
+    members = sorted((spec["group"], spec["offset"], name) for name, spec in layout.items()
+                     if spec["kind"] == "grouped_lowrank")
+    for group, _, name in members:
+        layout[group]["members"].append(name)
+    return layout
 
 
 def layout_format_version(layout: dict) -> int:
     """The smallest checkpoint format version that describes `layout`: 1 for low-rank Linears only,
-    2 with dictionaries, 3 with experts, embeddings or tied heads."""
+    2 with dictionaries, 3 with experts, embeddings or tied heads, 4 with fused down factors."""
     kinds = {spec["kind"] for spec in layout.values()}
+    if kinds & set(_VERSION_4_KINDS):
+        return 4
     if kinds & set(_VERSION_3_KINDS):
         return 3
     return 2 if "dictionary" in kinds else 1
@@ -136,7 +197,7 @@ def _transformers_base(model: nn.Module) -> type:
 
 def _dense_linear(lr: nn.Module, like: nn.Module, w: torch.Tensor) -> nn.Module:
     """The dense Linear (or GPT-2 Conv1D, weight [in, out]) with weight `w` [out, in]."""
-    bias = lr.up.bias if isinstance(lr, LowRankLinear) else getattr(lr, "bias", None)
+    bias = lr.up.bias if isinstance(lr, (LowRankLinear, GroupedLowRankLinear)) else getattr(lr, "bias", None)
     if is_conv1d(like):
         with torch.device(w.device):
             dense = type(like)(lr.out_features, lr.in_features).to(w.dtype)  # weight [in, out]
@@ -185,11 +246,15 @@ def densify_(model: nn.Module) -> nn.Module:
     for path, m in found.items():
         if isinstance(m, LowRankExperts):
             dense[path] = {name: m.dense_weight(name).detach() for name in LowRankExperts.MATRICES}
-        elif not isinstance(m, TiedLowRankLinear):
+        elif not isinstance(m, (TiedLowRankLinear, LowRankGroup)):
             dense[path] = {"weight": m.dense_weight().detach()}  # [out, in] / [V, d]
     tied = {path: m._owner[0] for path, m in found.items() if isinstance(m, TiedLowRankLinear)}
     owners = {id(m): path for path, m in found.items()}
     for path, m in found.items():
+        if isinstance(m, LowRankGroup):
+            parent, _, child = path.rpartition(".")
+            delattr(model.get_submodule(parent) if parent else model, child)  # its members become dense below
+            continue
         like = skeleton.get_submodule(path)
         if isinstance(m, (LowRankExperts, LowRankEmbedding)):
             set_submodule(model, path, _dense_like(like, dense[path]))

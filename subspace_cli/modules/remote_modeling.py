@@ -12,15 +12,38 @@ file because it ships as one, hence longer than the package's other modules.
 
 from __future__ import annotations
 
+import os
+import time
+import weakref
+
 import torch
 import transformers
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.modules import module as _module_state
 
 # 1: low-rank modules. 2: adds sparse-dictionary modules. 3: adds factored MoE experts, low-rank
-# input embeddings and LM heads tied to them. A checkpoint records the smallest version that
+# input embeddings and LM heads tied to them. 4: adds fused down factors of layers fed the same
+# input (lowrank_group / grouped_lowrank). A checkpoint records the smallest version that
 # describes it, so low-rank checkpoints stay readable by version-1 code.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+
+
+def _plain(linear):
+    """True for an nn.Linear that nothing wraps or hooks (PEFT, accelerate, calibration hooks): its
+    product may be taken with F.linear directly."""
+    return (type(linear) is nn.Linear and not linear._forward_hooks and not linear._forward_pre_hooks
+            and "forward" not in linear.__dict__ and not _module_state._global_forward_hooks
+            and not _module_state._global_forward_pre_hooks)
+
+
+def _linear(module, x):
+    # At batch-1 decode a factored layer's cost is mostly Python: reading the weights from
+    # _parameters and skipping the module dispatch halves it (12 -> 6 µs per LowRankLinear).
+    if _plain(module):
+        params = module._parameters
+        return F.linear(x, params["weight"], params["bias"])
+    return module(x)
 
 
 class LowRankLinear(nn.Module):
@@ -61,7 +84,8 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x):
         # (..., in) -> (..., r) -> (..., out)
-        return self.up(self.down(x))
+        modules = self._modules
+        return _linear(modules["up"], _linear(modules["down"], x))
 
     def dense_weight(self):
         """The equivalent dense weight up @ down, [out, in] (nn.Linear convention)."""
@@ -70,6 +94,81 @@ class LowRankLinear(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"bias={self.up.bias is not None}")
+
+
+def _version(x):
+    """x's in-place version counter; None for inference-mode tensors, which keep none."""
+    return None if x.is_inference() else x._version
+
+
+class LowRankGroup(nn.Module):
+    """The down factors of several low-rank layers fed the same input (q/k/v, gate/up), stacked:
+    down.weight [r_1 + ... + r_n, in]. One GEMM per input instead of n; each member
+    (GroupedLowRankLinear) reads its slice of the product. Members are called one after the other
+    with the same tensor, so the product of the last input is kept until every member has read it.
+    """
+
+    def __init__(self, in_features, ranks, dtype=None, device=None):
+        super().__init__()
+        self.in_features = int(in_features)
+        self.ranks = [int(r) for r in ranks]
+        if len(self.ranks) < 2 or min(self.ranks) < 1:
+            raise ValueError(f"LowRankGroup needs two or more ranks >= 1, got {self.ranks}")
+        self.down = nn.Linear(self.in_features, sum(self.ranks), bias=False, dtype=dtype, device=device)
+        self._last = None  # [weakref to the input, its version, product (..., Σr), readers left]
+
+    def project(self, x):
+        """x (..., in) -> (..., Σr), computed once per input tensor for all members."""
+        last = self._last
+        if last is not None and last[0]() is x and last[1] == _version(x):
+            last[3] -= 1
+            if last[3] <= 0:
+                self._last = None
+            return last[2]
+        z = _linear(self._modules["down"], x)
+        self._last = [weakref.ref(x), _version(x), z, len(self.ranks) - 1]
+        return z
+
+    def offsets(self):
+        return [sum(self.ranks[:i]) for i in range(len(self.ranks))]
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, ranks={self.ranks}"
+
+
+class GroupedLowRankLinear(nn.Module):
+    """A LowRankLinear whose down factor lives in a LowRankGroup: y = up(z[..., offset:offset + rank])
+    with z the group's stacked product. Stores only up.weight [out, r] (and the bias on `up`)."""
+
+    def __init__(self, in_features, out_features, rank, offset, bias=True, dtype=None, device=None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.rank, self.offset = int(rank), int(offset)
+        self.up = nn.Linear(self.rank, self.out_features, bias=bool(bias), dtype=dtype, device=device)
+        self._group = None  # [LowRankGroup] (a list: not a submodule, its tensor is saved once)
+
+    def join(self, group):
+        if group.in_features != self.in_features or self.offset + self.rank > sum(group.ranks):
+            raise ValueError(f"group of {group.in_features} inputs and ranks {group.ranks} cannot hold a member "
+                             f"with {self.in_features} inputs at rows {self.offset}..{self.offset + self.rank}")
+        self._group = [group]
+
+    def down_weight(self):
+        """This layer's rows of the stacked down factor, [r, in] (a view)."""
+        return self._group[0].down.weight[self.offset:self.offset + self.rank]
+
+    def forward(self, x):
+        if self._group is None:
+            raise RuntimeError("GroupedLowRankLinear is not joined to a LowRankGroup")
+        z = self._group[0].project(x).narrow(-1, self.offset, self.rank)  # (..., r), a strided view
+        return _linear(self._modules["up"], z)
+
+    def dense_weight(self):
+        return self.up.weight @ self.down_weight()
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"offset={self.offset}, bias={self.up.bias is not None}")
 
 
 def _unpack_bitmask(mask, atoms, nonzeros):
@@ -87,6 +186,52 @@ def scatter_product(z, values, indices):
     DictionaryLinear's default product: one transient [out, atoms] matrix, then one GEMM."""
     dense = torch.zeros(values.shape[0], z.shape[-1], dtype=values.dtype, device=values.device)
     return F.linear(z, dense.scatter_(1, indices.long(), values))
+
+
+class CacheBudget:
+    """Bytes the DictionaryLinear layers of one model may keep in faster inference forms."""
+
+    def __init__(self, limit_bytes=None):
+        self.left = None if limit_bytes is None else int(limit_bytes)  # None: no limit
+
+    @classmethod
+    def from_environment(cls):
+        value = os.environ.get("SUBSPACE_DICTIONARY_CACHE_MB", "").strip()
+        return cls(None if not value else float(value) * 2**20)
+
+    def fits(self, size):
+        return self.left is None or size <= self.left
+
+    def take(self, size):
+        if self.left is not None:
+            self.left -= size
+
+
+def _csr(dense):
+    """S [out, atoms] as a torch CSR tensor with int32 ids (half the bytes of int64 ones)."""
+    import warnings
+
+    rows, cols = dense.nonzero(as_tuple=True)
+    crow = torch.zeros(dense.shape[0] + 1, dtype=torch.int32, device=dense.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=dense.shape[0]), 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(crow, cols.to(torch.int32), dense[rows, cols], size=tuple(dense.shape))
+
+
+def _best_seconds(fn, device, repeats=3):
+    """Best of `repeats` timed calls after one warm-up (synchronised on CUDA)."""
+    best = float("inf")
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return best
 
 
 class DictionaryLinear(nn.Module):
@@ -125,6 +270,9 @@ class DictionaryLinear(nn.Module):
         # subspace's loader may set its Triton op here on CUDA (this file never imports it).
         self.product = scatter_product
         self._decoded = None  # (mask version key, int64 ids) cache for the bitmask form
+        # Inference form (see `forward`): "auto" measures the candidates once, or one of FORMS.
+        self.representation = "auto"  # also resets _form (name, device, dtype) and _cached (key, tensor)
+        self.cache_budget = None  # shared CacheBudget of the model; None: SUBSPACE_DICTIONARY_CACHE_MB
 
     def share_dictionary(self, owner):
         """Use `owner`'s dictionary from now on; this module's own is dropped."""
@@ -136,7 +284,8 @@ class DictionaryLinear(nn.Module):
 
     @property
     def dictionary_weight(self):
-        return self._owner[0].dictionary if self._owner is not None else self.dictionary
+        owner = self._owner[0] if self._owner is not None else self
+        return owner._parameters["dictionary"]
 
     def atom_indices(self):
         """Atom ids [out, nonzeros]: the stored indices, or the bitmask decoded once and cached."""
@@ -153,9 +302,115 @@ class DictionaryLinear(nn.Module):
         return dense.scatter_(1, self.atom_indices().long(), self.values)
 
     def forward(self, x):
+        values, bias = self._parameters["values"], self._parameters.get("bias")
+        trains = torch.is_grad_enabled() and (values.requires_grad or self.dictionary_weight.requires_grad)
+        if trains or self.product is not scatter_product or self._representation == "packed":
+            y = self._packed(x)  # gradients reach values and dictionary; Triton when the loader set it
+            return y if bias is None else y + bias
+        return self._apply_form(x, bias)
+
+    def _packed(self, x):
         z = F.linear(x, self.dictionary_weight)  # (..., atoms)
-        y = self.product(z, self.values, self.atom_indices())  # (..., out)
-        return y if self.bias is None else y + self.bias
+        return self.product(z, self.values, self.atom_indices())  # (..., out)
+
+    # ---------------------------------------------------------------- inference forms
+    # Without gradients the layer may keep a faster form of S (or of W = S·D) beside the stored
+    # code: "packed" (none), "csr" (torch.sparse CSR S, int32 ids), "dense_s" (S [out, atoms]) or
+    # "dense_w" (W [out, in]). "auto" times each on this device once, at the first call, and keeps
+    # the fastest whose extra bytes fit the model's cache budget (SUBSPACE_DICTIONARY_CACHE_MB;
+    # 0 keeps the stored form only, unset puts no limit).
+
+    FORMS = ("packed", "csr", "dense_s", "dense_w")
+
+    def form_bytes(self, name):
+        """Extra bytes the form keeps beside the stored code."""
+        size = self.values.element_size()
+        return {"packed": 0, "csr": self.out_features * self.nonzeros * (size + 4) + (self.out_features + 1) * 4,
+                "dense_s": self.out_features * self.atoms * size,
+                "dense_w": self.out_features * self.in_features * size}[name]
+
+    def cache_bytes(self):
+        """Bytes held now by the cached inference form (0 before the first call)."""
+        if self._cached is None:
+            return 0
+        tensor = self._cached[1]
+        if tensor.layout == torch.sparse_csr:
+            return sum(t.numel() * t.element_size()
+                       for t in (tensor.values(), tensor.col_indices(), tensor.crow_indices()))
+        return tensor.numel() * tensor.element_size()
+
+    def _build_form(self, name):
+        with torch.no_grad():
+            if name == "csr":
+                return _csr(self.coefficients())
+            if name == "dense_s":
+                return self.coefficients()
+            if name == "dense_w":
+                return self.dense_weight()
+        return None
+
+    def _run_form(self, name, tensor, x, bias=None):
+        if name == "packed":
+            y = self._packed(x)
+            return y if bias is None else y + bias
+        if name == "dense_w":
+            return F.linear(x, tensor, bias)
+        z = F.linear(x, self.dictionary_weight)  # (..., atoms)
+        if name == "dense_s":
+            return F.linear(z, tensor, bias)
+        flat = z.reshape(-1, self.atoms)  # (n, atoms)
+        y = torch.sparse.mm(tensor, flat.T).T.reshape(*z.shape[:-1], self.out_features)
+        return y if bias is None else y + bias
+
+    def _weights_key(self):
+        values, d = self._parameters["values"], self.dictionary_weight
+        return (values.data_ptr(), _version(values), d.data_ptr(), _version(d))
+
+    @property
+    def representation(self):
+        return self._representation
+
+    @representation.setter
+    def representation(self, name):
+        if name not in ("auto",) + self.FORMS:
+            raise ValueError(f"DictionaryLinear representation {name!r} is not one of {('auto',) + self.FORMS}")
+        self._representation, self._form, self._cached = name, None, None
+
+    def _apply_form(self, x, bias):
+        form = self._form
+        if form is None or form[1] != x.device or form[2] != x.dtype:
+            form = self._form = (self._choose(x), x.device, x.dtype)  # again on another device or dtype
+            self._cached = None
+        name = form[0]
+        if name == "packed":
+            return self._run_form(name, None, x, bias)
+        key = self._weights_key()
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self._build_form(name))
+        return self._run_form(name, self._cached[1], x, bias)
+
+    def chosen_form(self):
+        """The inference form in use ("auto" before the first call without gradients)."""
+        return self._form[0] if self._form is not None else self.representation
+
+    def _choose(self, x):
+        if self.representation != "auto":
+            return self.representation
+        budget = self.cache_budget if self.cache_budget is not None else CacheBudget.from_environment()
+        candidates = [name for name in self.FORMS if budget.fits(self.form_bytes(name))]
+        if len(candidates) == 1:
+            return candidates[0]
+        # Decode (1 row) and a prefill-like batch (32 rows), each relative to the fastest form there.
+        timings = {name: [] for name in candidates}
+        for rows in (1, 32):
+            probe = torch.randn(rows, self.in_features, device=x.device, dtype=x.dtype)
+            for name in candidates:
+                tensor = self._build_form(name)
+                timings[name].append(_best_seconds(lambda: self._run_form(name, tensor, probe), x.device))
+        fastest = [min(t[i] for t in timings.values()) for i in range(2)]
+        chosen = min(candidates, key=lambda n: sum(t / f for t, f in zip(timings[n], fastest)))
+        budget.take(self.form_bytes(chosen))
+        return chosen
 
     def dense_weight(self):
         """The equivalent dense weight S·D, [out, in] (nn.Linear convention)."""
@@ -330,6 +585,27 @@ def _build_lowrank(path, spec, old):
                          dtype=weight.dtype, device=weight.device)
 
 
+def _build_grouped(path, spec, old):
+    if isinstance(old, GroupedLowRankLinear) and (old.rank, old.offset) == (spec["rank"], spec["offset"]):
+        return None
+    in_f, out_f = _checked_shape(path, spec, old)
+    weight = old.weight
+    return GroupedLowRankLinear(in_f, out_f, int(spec["rank"]), int(spec["offset"]), bias=bool(spec.get("bias", True)),
+                                dtype=weight.dtype, device=weight.device)
+
+
+def _build_group(model, path, spec, old):
+    """A LowRankGroup is a new child of its members' common parent (the module it replaces is None)."""
+    ranks = [int(r) for r in spec["ranks"]]
+    if isinstance(old, LowRankGroup):
+        return None if old.ranks == ranks else LowRankGroup(old.in_features, ranks, dtype=old.down.weight.dtype,
+                                                            device=old.down.weight.device)
+    if old is not None:
+        raise ValueError(f"subspace layout: '{path}' names a {type(old).__name__}, not a place for a lowrank_group")
+    like = next(model.get_submodule(spec["members"][0]).parameters())  # the member's dtype and device
+    return LowRankGroup(int(spec["in_features"]), ranks, dtype=like.dtype, device=like.device)
+
+
 def _build_dictionary(path, spec, old):
     if isinstance(old, DictionaryLinear) and (old.atoms, old.nonzeros) == (spec["atoms"], spec["nonzeros"]):
         return None
@@ -387,7 +663,7 @@ def _build_tied(path, spec, old):
 
 
 _BUILDERS = {"lowrank": _build_lowrank, "dictionary": _build_dictionary, "lowrank_experts": _build_experts,
-             "lowrank_embedding": _build_embedding, "tied_lowrank": _build_tied}
+             "lowrank_embedding": _build_embedding, "tied_lowrank": _build_tied, "grouped_lowrank": _build_grouped}
 
 
 def existing_tied_keys(model, keys):
@@ -404,35 +680,41 @@ def apply_factored_layout(model, layout):
     layout: {"dotted.module.path": {"kind": "lowrank", "rank": r, "in_features": i,
     "out_features": o, "bias": bool}} or {"kind": "dictionary", "atoms": k, "nonzeros": s,
     "positions": "indices" | "bitmask", "dictionary_of": owner path (shared dictionary, optional),
-    ...}; version 3 adds "lowrank_experts", "lowrank_embedding" and "tied_lowrank" (docs/format.md).
+    ...}; version 3 adds "lowrank_experts", "lowrank_embedding" and "tied_lowrank", version 4
+    "lowrank_group" and "grouped_lowrank" (docs/format.md).
     The new module is created on the replaced weight's device and dtype; on the meta device (as in
     from_pretrained) nothing is allocated.
     """
     for path, spec in layout.items():
         kind = spec.get("kind")
         builder = _BUILDERS.get(kind)
-        if builder is None:
+        if builder is None and kind != "lowrank_group":
             raise ValueError(
                 f"subspace layout: module '{path}' has unknown kind {kind!r}; this modeling code "
-                f"(checkpoint format version {FORMAT_VERSION}) knows {sorted(_BUILDERS)}")
+                f"(checkpoint format version {FORMAT_VERSION}) knows {sorted(_BUILDERS) + ['lowrank_group']}")
         parent_name, _, child = path.rpartition(".")
         try:
             parent = model.get_submodule(parent_name) if parent_name else model
-            old = getattr(parent, child)
+            old = getattr(parent, child) if kind != "lowrank_group" else getattr(parent, child, None)
         except AttributeError as err:
             raise ValueError(f"subspace layout: module '{path}' does not exist in "
                              f"{type(model).__name__}") from err
-        new = builder(path, spec, old)
+        new = builder(path, spec, old) if builder is not None else _build_group(model, path, spec, old)
         if new is not None:
             setattr(parent, child, new)
+    budget = CacheBudget.from_environment()  # one for the model's dictionary layers
     for path, spec in layout.items():
+        kind = spec.get("kind")
+        module = model.get_submodule(path)
+        if kind == "dictionary":
+            module.cache_budget = budget
         owner = spec.get("dictionary_of")
-        if owner is not None:
-            module = model.get_submodule(path)
-            if module._owner is None:
-                module.share_dictionary(model.get_submodule(owner))
-        if spec.get("kind") == "tied_lowrank":
-            model.get_submodule(path).tie_to(model.get_submodule(spec["factors_of"]))
+        if owner is not None and module._owner is None:
+            module.share_dictionary(model.get_submodule(owner))
+        if kind == "tied_lowrank":
+            module.tie_to(model.get_submodule(spec["factors_of"]))
+        if kind == "grouped_lowrank":
+            module.join(model.get_submodule(spec["group"]))
     if isinstance(getattr(model, "all_tied_weights_keys", None), dict):
         model.all_tied_weights_keys = existing_tied_keys(model, model.all_tied_weights_keys)
     return model

@@ -73,6 +73,21 @@ def weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def inference_cache_bytes(model) -> int:
+    """Bytes the model keeps beside its weights in faster inference forms (a DictionaryLinear's
+    cached S or W, chosen at its first call without gradients)."""
+    return sum(m.cache_bytes() for m in model.modules() if callable(getattr(m, "cache_bytes", None)))
+
+
+def dictionary_forms(model) -> dict[str, int]:
+    """How many DictionaryLinear layers run in each inference form ({} without any)."""
+    forms: dict[str, int] = {}
+    for m in model.modules():
+        if callable(getattr(m, "chosen_form", None)):
+            forms[m.chosen_form()] = forms.get(m.chosen_form(), 0) + 1
+    return forms
+
+
 def _sync(device) -> None:
     import torch
 
@@ -172,7 +187,8 @@ def run_bench(config: BenchConfig) -> dict:
         "peak_rss_mb": round(peak_rss_mb(), 1), "peak_device_mb": peak_device_mb(),
         "note": "best of the rounds, interleaved across the models; ratios against the first model; "
                 "ceiling = baseline weight bytes / model weight bytes (batch-1 decode reads every weight once "
-                "per token); peak memory is the whole process's, all models loaded",
+                "per token); cache = inference forms kept beside the weights (dictionary layers); peak memory "
+                "is the whole process's, all models loaded",
     }
 
 
@@ -188,6 +204,8 @@ def _row(ref: str, model, best: dict, config: BenchConfig) -> dict:
     return {
         "model": ref,
         "weight_bytes": weight_bytes(model),
+        "cache_bytes": inference_cache_bytes(model),
+        "dictionary_forms": dictionary_forms(model),
         "params": sum(p.numel() for p in model.parameters()),
         "prefill_ms": best["prefill_s"] * 1e3,
         "decode_ms_per_token": best["decode_s"][1] / steps * 1e3,

@@ -37,7 +37,7 @@ from subspace_cli.methods.compress.base import LowRankMethod, is_dictionary
 from subspace_cli.methods.registry import MethodConfig, Needs
 from subspace_cli.modules.checkpoint import param_count, write_checkpoint
 from subspace_cli.modules.loading import load_model_and_tokenizer
-from subspace_cli.modules.lowrank import LowRankLinear, densify_
+from subspace_cli.modules.lowrank import LowRankLinear, densify_, fuse_shared_inputs
 from subspace_cli.pipelines.calibration import BlockStream, record_head_inputs, record_inputs
 from subspace_cli.pipelines.compress_config import CompressConfig
 from subspace_cli.pipelines.compress_experts import compress_experts
@@ -51,6 +51,7 @@ from subspace_cli.pipelines.dictionary_layers import Member, compress_group, dic
 from subspace_cli.pipelines.distributed import Processes, current_processes
 from subspace_cli.pipelines.expert_grams import ExpertStats, finish_expert_stats, first_pass
 from subspace_cli.pipelines.factoring import factor_matrix
+from subspace_cli.pipelines.layer_speed import Speed
 from subspace_cli.pipelines.lifecycle import measured, report_fields, write_output
 from subspace_cli.pipelines.placement import place_blocks
 from subspace_cli.pipelines.progress import progress_bar, set_quiet
@@ -73,6 +74,7 @@ class CompressState:
     notes: list[str] = field(default_factory=list)
     fit_seconds: dict[str, float] = field(default_factory=dict)  # dictionary methods: coding / update
     processes: Processes = field(default_factory=Processes)  # one, unless launched with several
+    kept_dense: dict[str, Speed] = field(default_factory=dict)  # held dense by the plan: factored measured slower
 
 
 def validate(config: CompressConfig) -> tuple[LowRankMethod, MethodConfig]:
@@ -84,6 +86,9 @@ def validate(config: CompressConfig) -> tuple[LowRankMethod, MethodConfig]:
             takes = ", ".join(n for n, m in methods_for("compress").items() if "structure" in m.config_class.model_fields)
             raise UsageError(f"--structure applies to sparse-dictionary methods ({takes}), not '{method.name}'")
         options["structure"] = config.structure
+    if is_dictionary(method) and (config.rank_multiple or 1) > 1:
+        raise UsageError(f"--rank-multiple {config.rank_multiple} applies to low-rank methods, not the sparse "
+                         f"dictionaries of '{method.name}'; leave it out (or pass 1)")
     method_config = method.make_config(options)
     compile_pattern(config.targets, "--targets")
     compile_pattern(config.exclude, "--exclude")
@@ -108,6 +113,14 @@ def compress_layer(module: nn.Module, stats: GramStats | None, rank: int | None,
         return module
     bias = getattr(module, "bias", None)
     return LowRankLinear.from_factors(*pair, None if bias is None else bias.detach().clone()).to(pair[0].device)
+
+
+def shared_input_groups(stats: dict[str, GramStats]) -> list[list[str]]:
+    """Layers that calibration saw fed the very same tensor (they share one GramStats: q/k/v, gate/up)."""
+    by_input: dict[int, list[str]] = {}
+    for name, gram in stats.items():
+        by_input.setdefault(id(gram), []).append(name)
+    return [names for names in by_input.values() if len(names) > 1]
 
 
 @torch.no_grad()
@@ -151,6 +164,9 @@ def compress_model(model: nn.Module, config: CompressConfig, state: CompressStat
                 new = compress_layer(module, stats.get(name), ranks[name], state, name)
                 if new is not module:
                     set_submodule(model, name, new)
+            if config.fuse_projections and config.format == "factored":
+                for group in shared_input_groups(stats):
+                    fuse_shared_inputs(model, group)
             for path, (expert_set, targeted) in experts.items():
                 new = compress_experts(expert_set, targeted, expert_stats, ranks, state)
                 if new is not None:
@@ -280,6 +296,10 @@ def compress_and_write(config: CompressConfig) -> tuple[Report, nn.Module]:
         ranks = plan_ranks(model, work, state, input_ids, vocab)
     with timer.stage("compress"):
         compress_model(model, work, state, ranks, input_ids, vocab)
+    for row in state.matrices:
+        if row.name in state.kept_dense:
+            speed = state.kept_dense[row.name]
+            row.kept_dense_us = (speed.dense_us, speed.factored_us)
 
     with timer.stage("eval_after"):
         after = _perplexities(model, eval_sets, work, processes)

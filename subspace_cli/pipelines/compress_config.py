@@ -43,6 +43,16 @@ class CompressConfig(RunOptions):
         0.5, ge=0.0, le=1.0,
         description="global allocation: no matrix gets a rank below this fraction of its uniform-allocation rank "
         "(whitened energy alone under-rates matrices dominated by outlier channels)")
+    rank_multiple: int | None = Field(
+        None, ge=1,
+        description="low-rank methods: every rank a multiple of N, counted in the budget (GEMMs run in tiles: the "
+        "remainder of a rank costs a whole tile); default auto: 8 on CPU, 64 on CUDA; 1: any rank")
+    dense_if_slower_below: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="low-rank methods: keep matrices dense whose factored pair measures no faster at 1 token on "
+        "--device, smallest saving first, while the savings given up stay below this fraction of the targeted "
+        "parameters together (other ranks unchanged, so --ratio is missed by at most this; timings kept in "
+        "$SUBSPACE_HOME/layer_speed.json); default 0: off, the plan depends on the inputs alone")
     sequential: bool = Field(True, description="fit each block to the activations of the blocks already compressed")
     calib: Annotated[list[str], DATA] = Field(
         # A mix of two domains generalises best of the remedies measured (benchmarks/RESULTS.md).
@@ -65,6 +75,9 @@ class CompressConfig(RunOptions):
         None, description="sparse-dictionary methods: at most 2 nonzeros in every 4 consecutive atoms (same as -O structure=2:4)")
     format: Literal["factored", "dense"] = Field(
         "factored", description="factored (LowRankLinear / DictionaryLinear modules) or plain dense checkpoint")
+    fuse_projections: bool = Field(
+        True, description="low-rank methods: stack the down factors of layers fed the same input (q/k/v, gate/up) into "
+        "one matrix, one GEMM at inference (checkpoint format 4; --no-fuse-projections for readers of format <= 3)")
     shard_size: str = Field("2GB", description="maximum safetensors shard size")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")
     devices: str | None = Field(None, description=DEVICES_DESCRIPTION)

@@ -283,11 +283,12 @@ def print_bench(result: dict) -> None:
     table = Table(title=f"subspace bench on {result['device']} ({result['dtype']}, {result['threads']} threads, "
                         f"prompt {result['prompt_len']}, {result['decode_tokens']} decode tokens, best of "
                         f"{result['rounds']})", title_justify="left")
-    for col in ("model", "weights MB", "prefill ms", "decode ms/token", *(f"tok/s b{b}" for b in batches),
+    for col in ("model", "weights MB", "cache MB", "prefill ms", "decode ms/token", *(f"tok/s b{b}" for b in batches),
                 "prefill ×", "decode ×", "ceiling ×"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for row in result["models"]:
-        table.add_row(row["model"], f"{row['weight_bytes'] / 2**20:,.1f}", f"{row['prefill_ms']:.1f}",
+        table.add_row(row["model"], f"{row['weight_bytes'] / 2**20:,.1f}", f"{row.get('cache_bytes', 0) / 2**20:,.1f}",
+                      f"{row['prefill_ms']:.1f}",
                       f"{row['decode_ms_per_token']:.2f}", *(f"{row['tokens_per_s'][b]:.1f}" for b in batches),
                       f"{row['prefill_speedup']:.2f}", f"{row['decode_speedup']:.2f}", f"{row['decode_ceiling']:.2f}")
     console = Console()

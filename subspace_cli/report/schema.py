@@ -30,6 +30,9 @@ class MatrixReport(BaseModel):
     gram: Literal["routed", "pooled"] | None = Field(
         None, description="MoE expert matrix: fitted with the Gram of its routed tokens, or the pooled Gram of all "
         "the layer's tokens (too few routed tokens, or -O expert_grams=pooled)")
+    kept_dense_us: tuple[float, float] | None = Field(
+        None, description="kept dense because the factored pair measured no faster for a negligible saving "
+        "(--dense-if-slower-below): (dense, factored) µs per call at 1 token on the compress device")
 
 
 class ParamTotals(BaseModel):
