@@ -115,14 +115,6 @@ def compress_layer(module: nn.Module, stats: GramStats | None, rank: int | None,
     return LowRankLinear.from_factors(*pair, None if bias is None else bias.detach().clone()).to(pair[0].device)
 
 
-def shared_input_groups(stats: dict[str, GramStats]) -> list[list[str]]:
-    """Layers that calibration saw fed the very same tensor (they share one GramStats: q/k/v, gate/up)."""
-    by_input: dict[int, list[str]] = {}
-    for name, gram in stats.items():
-        by_input.setdefault(id(gram), []).append(name)
-    return [names for names in by_input.values() if len(names) > 1]
-
-
 @torch.no_grad()
 def compress_model(model: nn.Module, config: CompressConfig, state: CompressState, ranks: dict[str, int | None],
                    input_ids: torch.Tensor | None, vocab: VocabTargets | None = None) -> None:
@@ -150,11 +142,13 @@ def compress_model(model: nn.Module, config: CompressConfig, state: CompressStat
             layers = compress_linears(block, prefix, config)
             experts = expert_targets(block, prefix, config)
             stats: dict[str, GramStats] = {}
+            groups: list[list[str]] = []  # layers fed one input tensor, seen in calibration
             expert_stats: ExpertStats | None = None
             outputs = None
             if stream is not None:
                 with record_inputs(layers) as stats, first_pass([s for s, _ in experts.values()], pooled) as records:
                     outputs = stream.run_block(i)
+                groups = state.processes.input_groups(stats)  # q/k/v, gate/up: before the sums may unshare
                 state.processes.sum_stats_(stats)  # this share's sums -> all samples' sums
                 if records:
                     expert_stats = finish_expert_stats(records, pooled_mode=pooled, rerun=lambda: stream.run_block(i),
@@ -165,7 +159,7 @@ def compress_model(model: nn.Module, config: CompressConfig, state: CompressStat
                 if new is not module:
                     set_submodule(model, name, new)
             if config.fuse_projections and config.format == "factored":
-                for group in shared_input_groups(stats):
+                for group in groups:
                     fuse_shared_inputs(model, group)
             for path, (expert_set, targeted) in experts.items():
                 new = compress_experts(expert_set, targeted, expert_stats, ranks, state)

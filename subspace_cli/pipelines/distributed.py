@@ -86,6 +86,21 @@ class Processes:
             dist.all_reduce(tensor, op=reduce_op)
         return tensor
 
+    def input_groups(self, stats: dict[str, GramStats]) -> list[list[str]]:
+        """Layers fed the very same input tensor (they share one GramStats: q/k/v, gate/up) in any
+        process, as lists of names in `stats` order. Call it before `sum_stats_`, which may stop
+        the sharing; a process that saw no samples learns the groups from the others, so every
+        process (and a run with one process) finds the same groups."""
+        names = list(stats)
+        first: dict[int, int] = {}
+        owners = torch.tensor([float(first.setdefault(id(stats[n]), i)) for i, n in enumerate(names)],
+                              dtype=torch.float64)  # [layers]: index of the first layer sharing its object
+        owners = -self._all_reduce_(-owners, "max")  # the smallest over processes: shared anywhere
+        groups: dict[float, list[str]] = {}
+        for name, owner in zip(names, owners.tolist()):
+            groups.setdefault(owner, []).append(name)
+        return [group for group in groups.values() if len(group) > 1]
+
     def sum_stats_(self, stats: dict[str, GramStats]) -> None:
         """Sum every layer's Gram, |x| sum and token count over the processes (in place).
 
