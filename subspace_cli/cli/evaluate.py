@@ -20,6 +20,8 @@ def evaluate(
     eval_seqlen: int = field_option(C, "eval_seqlen"),
     eval_chars: int = field_option(C, "eval_chars"),
     split: str = field_option(C, "split"),
+    tasks: Optional[List[str]] = field_option(C, "tasks", "--tasks", default=None),
+    task_examples: int = field_option(C, "task_examples"),
     fail_if: Optional[List[str]] = field_option(C, "fail_if", "--fail-if", default=None),
     batch_size: int = field_option(C, "batch_size"),
     device: str = field_option(C, "device"),
@@ -32,6 +34,7 @@ def evaluate(
     """Score MODEL's perplexity on held-out text; with --baseline also ppl_ratio and per-token KL."""
     values = {k: v for k, v in locals().items() if k in C.model_fields}
     values["fail_if"] = list(fail_if or [])
+    values["tasks"] = list(tasks or [])
 
     def go():
         from subspace_cli.errors import GateFailed

@@ -29,6 +29,11 @@ class EvalConfig(RunOptions):
     eval_seqlen: int = Field(512, ge=2, description="tokens per perplexity window")
     eval_chars: int = Field(40000, ge=100, description="characters of the split scored (from its start)")
     split: Literal["heldout", "all"] = Field("heldout", description="heldout: the last 5% of the data (never used for calibration); all: the whole text")
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="zero-shot tasks built from the same text, scored beside perplexity: lambada (last-word "
+        "prediction), cloze (4-way continuation choice); comma-separated; gate on TASK.acc, TASK.acc_ratio")
+    task_examples: int = Field(100, ge=1, description="examples per task (fewer when the text is short)")
     fail_if: list[str] = Field(default_factory=list, description="quality gate 'FIELD OP VALUE', e.g. 'ppl_ratio>1.5'; repeatable; exit 1 if any holds")
     batch_size: int = Field(8, ge=1, description="windows per forward pass")
     devices: str | None = Field(None, description=DEVICES_DESCRIPTION)
@@ -39,17 +44,57 @@ class EvalConfig(RunOptions):
         # A recipe may write a single gate as a plain string; the CLI always passes a list.
         return [value] if isinstance(value, str) else value
 
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _split_tasks(cls, value):
+        if isinstance(value, str):
+            value = [value]
+        return [part.strip() for item in value or [] for part in str(item).split(",") if part.strip()]
+
+
+def task_fields(tasks: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(gate fields of the tasks, those that need --baseline)."""
+    return tuple(f"{t}.acc" for t in tasks), tuple(f"{t}.{f}" for t in tasks for f in ("baseline_acc", "acc_ratio"))
+
 
 def validate(config: EvalConfig):
     """Gate syntax and fields, before any weights are loaded (exit 2)."""
     from subspace_cli.evaluate.gates import parse_conditions
+    from subspace_cli.evaluate.tasks import check_tasks
 
-    conditions = parse_conditions(config.fail_if, FIELDS + BASELINE_FIELDS)
+    own, relative = task_fields(check_tasks(config.tasks))
+    conditions = parse_conditions(config.fail_if, FIELDS + BASELINE_FIELDS + own + relative)
     if config.baseline is None:
         for cond in conditions:
-            if cond.field in BASELINE_FIELDS:
-                raise UsageError(f"--fail-if '{cond.text}': field '{cond.field}' needs --baseline; without it valid fields: {', '.join(FIELDS)}")
+            if cond.field in BASELINE_FIELDS + relative:
+                raise UsageError(f"--fail-if '{cond.text}': field '{cond.field}' needs --baseline; without it valid "
+                                 f"fields: {', '.join(FIELDS + own)}")
     return conditions
+
+
+def run_tasks(config: EvalConfig, loaded, baseline, text: str, device, what: str) -> dict[str, dict]:
+    """{task: {acc, n, chance[, baseline_acc, acc_ratio]}} for every --tasks name."""
+    from subspace_cli.evaluate.perplexity import is_causal_lm
+    from subspace_cli.evaluate.tasks import CHOICES, build, score
+    from subspace_cli.io.data import special_tokens
+    from subspace_cli.pipelines.progress import progress_bar
+
+    if not is_causal_lm(loaded.model):
+        raise UsageError(f"--tasks needs a causal language model; '{config.model}' is a "
+                         f"{type(loaded.model).__name__}")
+    prefix = special_tokens(loaded.tokenizer).prefix
+    results = {}
+    for name in config.tasks:
+        examples = build(name, loaded.tokenizer, text, config.task_examples, prefix, what)
+        models = [loaded.model] + ([baseline.model] if baseline is not None else [])
+        with progress_bar(f"task {name}", total=len(examples) * len(models)) as advance:
+            accs = [score(model, name, examples, device, progress=advance) for model in models]
+        entry = {"acc": accs[0], "n": len(examples), "chance": 0.0 if name == "lambada" else 1 / CHOICES}
+        if baseline is not None:
+            entry["baseline_acc"] = accs[1]
+            entry["acc_ratio"] = accs[0] / accs[1] if accs[1] else float("nan")
+        results[name] = entry
+    return results
 
 
 def evaluation_text(config: EvalConfig) -> str:
@@ -136,7 +181,11 @@ def run_eval(config: EvalConfig) -> dict:
         result["note"] = (f"{type(loaded.model).__name__} has no language-model head: reported the mean per-token "
                           "cosine similarity of last hidden states to the baseline instead of perplexity")
         log.warning(result["note"])
-    gates = check_gates(conditions, scores)
+    if config.tasks:
+        with timer.stage("tasks"):
+            result["tasks"] = run_tasks(config, loaded, baseline, text, device, what)
+    flat = {**scores, **{f"{t}.{k}": v for t, entry in result.get("tasks", {}).items() for k, v in entry.items()}}
+    gates = check_gates(conditions, flat)
     result["gates"] = [g.to_dict() for g in gates]
     result["ok"] = not any(g.failed for g in gates)
     result["seconds"] = timer.seconds

@@ -227,6 +227,11 @@ def print_eval(result: dict) -> None:
         if key in result:
             value = result[key]
             table.add_row(key, f"{value:,}" if isinstance(value, int) else f"{value:.6g}")
+    for name, task in result.get("tasks", {}).items():
+        for key in ("acc", "baseline_acc", "acc_ratio"):
+            if key in task:
+                table.add_row(f"{name}.{key}", f"{task[key]:.4g}")
+        table.add_row(f"{name}.n", f"{task['n']:,} (chance {task['chance']:.2g})")
     console = Console()
     console.print(table)
     if result.get("note"):
