@@ -217,11 +217,16 @@ def captured_pipeline(verb: str):
     raised as they are) and the pipeline runner handing its config back."""
     import importlib
 
+    from subspace_cli.cli import common as cli_common
+
     results: list = []
     cli_module = importlib.import_module(f"subspace_cli.cli.{RUNNERS.get(verb, (verb,))[0]}")
     with contextlib.ExitStack() as stack:
+        through = lambda fn, **_: results.append(fn())  # noqa: E731
+        # run_verb (cli/common.py) calls common's run_command; a few commands call their own import of it
+        stack.enter_context(mock.patch.object(cli_common, "run_command", through))
         if hasattr(cli_module, "run_command"):  # schema prints its JSON itself
-            stack.enter_context(mock.patch.object(cli_module, "run_command", lambda fn, **_: results.append(fn())))
+            stack.enter_context(mock.patch.object(cli_module, "run_command", through))
         if verb in RUNNERS:
             _, pipeline, runner = RUNNERS[verb]
             module = importlib.import_module(f"subspace_cli.pipelines.{pipeline}")

@@ -6,10 +6,9 @@ from typing import List
 
 import typer
 
-from subspace_cli.cli.common import run_command
-from subspace_cli.cli.options import JsonFlag, QuietFlag, config_from_cli, field_option
+from subspace_cli.cli.common import run_verb
+from subspace_cli.cli.options import JsonFlag, QuietFlag, field_option
 from subspace_cli.pipelines.bench import BenchConfig as C
-from subspace_cli.pipelines.verbs import VERBS
 
 
 def bench(
@@ -28,10 +27,7 @@ def bench(
     """Measure prefill latency, decode speed (batch 1 and more) and weight bytes of each MODEL; the first is the baseline."""
     values = {k: v for k, v in locals().items() if k in C.model_fields}
 
-    def go():
-        return VERBS["bench"].run(config_from_cli(C, values))
-
-    run_command(go, as_json=json_out, quiet=quiet, render=VERBS["bench"].render)
+    run_verb("bench", values, as_json=json_out, quiet=quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -15,7 +15,7 @@ from subspace_cli import lifecycle
 from subspace_cli.errors import SubspaceError
 from subspace_cli.pipelines.progress import progress_enabled, set_quiet
 
-__all__ = ["progress_enabled", "run_command", "setup_logging", "parse_options", "fail", "emit_error", "set_debug"]
+__all__ = ["progress_enabled", "run_command", "run_verb", "setup_logging", "parse_options", "fail", "emit_error", "set_debug"]
 
 
 def setup_logging(quiet: bool, as_json: bool) -> None:
@@ -138,6 +138,23 @@ def _traceback_if_debug() -> None:
         import traceback
 
         traceback.print_exc()
+
+
+def run_verb(name: str, values: dict[str, Any], *, as_json: bool, quiet: bool,
+             options: list[str] | None = None) -> None:
+    """A verb command's body: its -O pairs parsed when it takes them (exit 2 on a bad one), its config
+    built from the CLI `values`, its runner called and the result rendered, through `run_command`."""
+    from subspace_cli.cli.options import config_from_cli
+    from subspace_cli.pipelines.verbs import VERBS
+
+    verb = VERBS[name]
+
+    def go():
+        if options is not None:
+            values["options"] = parse_options(options)
+        return verb.run(config_from_cli(verb.config_class, values))
+
+    run_command(go, as_json=as_json, quiet=quiet, render=verb.render)
 
 
 def parse_options(pairs: list[str] | None, flag: str = "-O") -> dict[str, Any]:

@@ -6,11 +6,9 @@ from typing import List, Optional
 
 import typer
 
-from subspace_cli.cli.common import parse_options, run_command
-from subspace_cli.cli.options import (JsonFlag, MethodOptionFlags, QuietFlag, config_from_cli, field_argument,
-                                      field_option)
+from subspace_cli.cli.common import run_verb
+from subspace_cli.cli.options import JsonFlag, MethodOptionFlags, QuietFlag, field_argument, field_option
 from subspace_cli.pipelines.compress_config import CompressConfig as C
-from subspace_cli.pipelines.verbs import VERBS
 
 
 def compress(
@@ -52,13 +50,8 @@ def compress(
 ) -> None:
     """Factor the Linear layers of MODEL's repeated blocks (low-rank pairs or sparse dictionaries) and write a checkpoint."""
     values = {k: v for k, v in locals().items() if k in C.model_fields}
-    values["options"] = {}
 
-    def go():
-        values["options"] = parse_options(option)
-        return VERBS["compress"].run(config_from_cli(C, values))
-
-    run_command(go, as_json=json_out, quiet=quiet, render=VERBS["compress"].render)
+    run_verb("compress", values, as_json=json_out, quiet=quiet, options=option or [])
 
 
 def register(app: typer.Typer) -> None:

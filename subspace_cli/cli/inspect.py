@@ -6,10 +6,9 @@ from typing import Optional
 
 import typer
 
-from subspace_cli.cli.common import run_command
-from subspace_cli.cli.options import JsonFlag, QuietFlag, config_from_cli, field_argument, field_option
+from subspace_cli.cli.common import run_verb
+from subspace_cli.cli.options import JsonFlag, QuietFlag, field_argument, field_option
 from subspace_cli.pipelines.inspect import InspectConfig as C
-from subspace_cli.pipelines.verbs import VERBS
 
 
 def inspect(
@@ -31,10 +30,7 @@ def inspect(
     """Print each matrix's effective rank, 90%/99%-energy ranks and break-even rank (whitened too with --calib)."""
     values = {k: v for k, v in locals().items() if k in C.model_fields}
 
-    def go():
-        return VERBS["inspect"].run(config_from_cli(C, values))
-
-    run_command(go, as_json=json_out, quiet=quiet, render=VERBS["inspect"].render)
+    run_verb("inspect", values, as_json=json_out, quiet=quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,11 +6,9 @@ from typing import Optional
 
 import typer
 
-from subspace_cli.cli.common import parse_options, run_command
-from subspace_cli.cli.options import (JsonFlag, MethodOptionFlags, QuietFlag, config_from_cli, field_argument,
-                                      field_option)
+from subspace_cli.cli.common import run_verb
+from subspace_cli.cli.options import JsonFlag, MethodOptionFlags, QuietFlag, field_argument, field_option
 from subspace_cli.pipelines.unlearn_config import UnlearnConfig as C
-from subspace_cli.pipelines.verbs import VERBS
 
 
 def unlearn(
@@ -40,11 +38,7 @@ def unlearn(
     """Remove what MODEL knows of the forget data while keeping its behaviour on the retain data."""
     values = {k: v for k, v in locals().items() if k in C.model_fields}
 
-    def go():
-        values["options"] = parse_options(option)
-        return VERBS["unlearn"].run(config_from_cli(C, values))
-
-    run_command(go, as_json=json_out, quiet=quiet, render=VERBS["unlearn"].render)
+    run_verb("unlearn", values, as_json=json_out, quiet=quiet, options=option or [])
 
 
 def register(app: typer.Typer) -> None:
