@@ -361,6 +361,7 @@ SHIPPED = {
     "eval-smollm2-gate.yaml": "test_shipped_eval_recipe_on_a_tiny_model",
     "inspect-smollm2.yaml": "test_shipped_inspect_recipe_on_a_tiny_model",
     "pipeline-smollm2-merge-compress-gate.yaml": "test_shipped_pipeline_runs_every_step_with_references",
+    "pipeline-smollm2-compress-heal-gate.yaml": "test_shipped_heal_pipeline_on_a_tiny_model",
 }
 
 
@@ -409,6 +410,26 @@ def test_shipped_unlearn_recipe_on_a_tiny_model(tiny_llama, tmp_path):
                            "eval_seqlen=32", "eval_chars=1500", "options={steps: 3, layer: 1, batch_size: 2}")
     assert summary["method"] == "rmu" and summary["unlearn"]["changed"]  # RMU moved the targeted weights
     assert set(summary["perplexity"]) == {"forget", "retain"}
+
+
+def test_shipped_heal_pipeline_on_a_tiny_model(tiny_llama, text_file, tmp_path):
+    """compress -> heal -> gate: heal reads compress's output and the gate reads heal's."""
+    from subspace_cli.pipelines.pipeline_run import run_recipe
+
+    work = tmp_path / "work"
+    result = run_recipe(RECIPES / "pipeline-smollm2-compress-heal-gate.yaml", [
+        f"model={tiny_llama}", f"work={work}", "steps=3",
+        f"compressed.calib=[{text_file}]", "compressed.calib_samples=8", "compressed.calib_seqlen=32",
+        "compressed.eval_seqlen=32", "compressed.eval_chars=2000",
+        f"healed.heal_data=[{text_file}]", f"healed.eval=[{text_file}]", "healed.heal_seqlen=32",
+        "healed.heal_batch_size=4", "healed.eval_seqlen=32", "healed.eval_chars=2000",
+        f"gate.data={text_file}", "gate.eval_seqlen=32", "gate.eval_chars=2000", "gate.task_examples=5",
+        "gate.fail_if=[ppl_ratio>2.0]"])  # a random tiny model scores 0 on lambada: its acc_ratio is NaN
+    summary = json.loads(json.dumps(result.summary() if hasattr(result, "summary") else result, default=str))
+    assert summary["ok"], summary
+    healed = json.loads((work / "healed" / "report.json").read_text())
+    assert healed["healing"]["steps"] == 3 and healed["healing"]["teacher"] == str(tiny_llama)
+    assert healed["healing"]["params_before"] == healed["healing"]["params_after"]
 
 
 def test_shipped_eval_recipe_on_a_tiny_model(tiny_llama, text_file):

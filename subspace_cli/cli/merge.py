@@ -26,6 +26,8 @@ def merge(
     samples: int = field_option(C, "samples"),
     seqlen: int = field_option(C, "seqlen"),
     eval: Optional[List[str]] = typer.Option(None, "--eval", help=C.model_fields["eval"].description),
+    tasks: Optional[List[str]] = field_option(C, "tasks", "--tasks", default=None),
+    task_examples: int = field_option(C, "task_examples"),
     eval_seqlen: int = field_option(C, "eval_seqlen"),
     eval_chars: int = field_option(C, "eval_chars"),
     batch_size: int = field_option(C, "batch_size"),

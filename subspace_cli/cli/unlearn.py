@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -25,6 +25,8 @@ def unlearn(
     seqlen: int = field_option(C, "seqlen"),
     eval_seqlen: int = field_option(C, "eval_seqlen"),
     eval_chars: int = field_option(C, "eval_chars"),
+    tasks: Optional[List[str]] = field_option(C, "tasks", "--tasks", default=None),
+    task_examples: int = field_option(C, "task_examples"),
     batch_size: int = field_option(C, "batch_size"),
     shard_size: str = field_option(C, "shard_size"),
     overwrite: bool = field_option(C, "overwrite"),

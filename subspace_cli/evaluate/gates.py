@@ -25,7 +25,8 @@ OPS = {
     "<": operator.lt,
 }
 # Two-character operators first so that ">=" is not read as ">" followed by "=1".
-_CONDITION = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(>=|<=|==|!=|>|<)\s*(\S+)\s*$")
+# Field names may hold ':' and '-' (task keys such as lm-eval:my-task.acc).
+_CONDITION = re.compile(r"^\s*([A-Za-z_][\w.:-]*)\s*(>=|<=|==|!=|>|<)\s*(\S+)\s*$")
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,12 @@ class Example:
 
 
 def check_tasks(names: list[str]) -> list[str]:
-    """The task names, each known (exit 2 naming the valid ones otherwise), without repeats."""
+    """The task names, each known (exit 2 naming the valid ones otherwise), without repeats.
+    `lm-eval:` names pass through: evaluate/lm_eval_tasks.resolve checks them."""
     for name in names:
-        if name not in TASKS:
-            raise UsageError(f"--tasks: unknown task '{name}'{did_you_mean(name, TASKS)}; valid: {', '.join(TASKS)}")
+        if name not in TASKS and not name.startswith("lm-eval:"):
+            raise UsageError(f"--tasks: unknown task '{name}'{did_you_mean(name, TASKS)}; valid: {', '.join(TASKS)}, "
+                             "lm-eval:NAME, lm-eval:path/to/task.yaml")
     return list(dict.fromkeys(names))
 
 
@@ -151,5 +153,5 @@ def build(name: str, tokenizer, text: str, n: int, prefix: tuple[int, ...], what
     examples = BUILDERS[name](tokenizer, text.split(), n, prefix)
     if not examples:
         raise UsageError(f"--tasks {name}: {what} is too short to build any example (each needs "
-                         f"{CONTEXT_WORDS + CONTINUATION_WORDS} words); pass a longer text or --split all")
+                         f"{CONTEXT_WORDS + CONTINUATION_WORDS} words); pass a longer text")
     return examples

@@ -291,7 +291,8 @@ class DictionaryLinear(nn.Module):
         """Atom ids [out, nonzeros]: the stored indices, or the bitmask decoded once and cached."""
         if self.positions == "indices":
             return self.indices
-        key = (self.mask.data_ptr(), self.mask._version, self.mask.device)
+        # An id tensor decoded under inference_mode cannot be saved for backward: one per mode.
+        key = (self.mask.data_ptr(), _version(self.mask), self.mask.device, torch.is_inference_mode_enabled())
         if self._decoded is None or self._decoded[0] != key:
             self._decoded = (key, _unpack_bitmask(self.mask, self.atoms, self.nonzeros))
         return self._decoded[1]

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from subspace_cli.errors import UsageError
-from subspace_cli.evaluate.perplexity import perplexity
+from subspace_cli.evaluate.perplexity import is_causal_lm, perplexity
+from subspace_cli.evaluate.samples import add_samples
 from subspace_cli.io.output_dir import check_output_dir
 from subspace_cli.io.sharded_writer import shard_size_bytes
 from subspace_cli.linalg.gram import GramStats
@@ -41,22 +42,35 @@ from subspace_cli.modules.lowrank import LowRankLinear, densify_, fuse_shared_in
 from subspace_cli.pipelines.calibration import BlockStream, record_head_inputs, record_inputs
 from subspace_cli.pipelines.compress_config import CompressConfig
 from subspace_cli.pipelines.compress_experts import compress_experts
-from subspace_cli.pipelines.compress_plan import (PLAN_SAMPLES, compress_linears, expert_grams_mode, expert_notes,
-                                                  expert_targets, plan_ranks)
-from subspace_cli.pipelines.compress_vocab import (VocabTargets, factor_embedding, factor_head, tied_note,
-                                                   vocabulary_targets)
+from subspace_cli.pipelines.compress_plan import (
+    PLAN_SAMPLES,
+    compress_linears,
+    expert_grams_mode,
+    expert_notes,
+    expert_targets,
+    plan_ranks,
+)
+from subspace_cli.pipelines.compress_vocab import (
+    VocabTargets,
+    factor_embedding,
+    factor_head,
+    tied_note,
+    vocabulary_targets,
+)
 from subspace_cli.pipelines.config_paths import input_refs
 from subspace_cli.pipelines.datasets import EvalSet, calibration_ids, evaluation_sets
 from subspace_cli.pipelines.dictionary_layers import Member, compress_group, dictionary_budget, projection_type
 from subspace_cli.pipelines.distributed import Processes, current_processes
 from subspace_cli.pipelines.expert_grams import ExpertStats, finish_expert_stats, first_pass
 from subspace_cli.pipelines.factoring import factor_matrix
+from subspace_cli.pipelines.healing import TeacherTargets, heal_model, heal_rows, healing_report, teacher_targets
 from subspace_cli.pipelines.layer_speed import Speed
 from subspace_cli.pipelines.lifecycle import measured, report_fields, write_output
 from subspace_cli.pipelines.placement import place_blocks
 from subspace_cli.pipelines.progress import progress_bar, set_quiet
+from subspace_cli.pipelines.task_checks import TaskTable, check_task_names
 from subspace_cli.report.resources import StageTimer
-from subspace_cli.report.schema import MatrixReport, ParamTotals, PerplexityReport, Report
+from subspace_cli.report.schema import HealingReport, MatrixReport, ParamTotals, PerplexityReport, Report
 from subspace_cli.walk import compile_pattern, find_blocks, set_submodule, weight_matrix
 
 log = logging.getLogger(__name__)
@@ -94,6 +108,7 @@ def validate(config: CompressConfig) -> tuple[LowRankMethod, MethodConfig]:
     compile_pattern(config.exclude, "--exclude")
     check_output_dir(Path(config.out), config.overwrite, input_refs(config))
     shard_size_bytes(config.shard_size)
+    check_task_names(config.tasks)
     if Needs.CALIBRATION in method.needs and not config.calib:
         raise UsageError(f"method '{method.name}' needs calibration data; pass --calib (e.g. builtin:shakespeare)")
     return method, method_config
@@ -248,6 +263,9 @@ def compress_and_write(config: CompressConfig) -> tuple[Report, nn.Module]:
         set_quiet(True)  # one set of progress bars, the main process's
     torch.manual_seed(config.seed)
     timer = StageTimer()
+    if config.heal and (processes.distributed or config.devices):
+        raise UsageError("--heal runs in one process on one device; compress without --heal, then run `subspace heal` "
+                         "(which trains under `accelerate launch`)")
     if config.devices and processes.distributed:
         raise UsageError("--devices spreads one model over several devices in one process; under a launcher "
                          "pass --device cuda instead (each process takes its own GPU)")
@@ -283,8 +301,18 @@ def compress_and_write(config: CompressConfig) -> tuple[Report, nn.Module]:
         notes.append(f"calibration split over {processes.world} processes ({'+'.join(map(str, shares))} samples); "
                      "statistics summed over all of them")
 
+    samples: list[dict] = []
+    causal = is_causal_lm(model)
+    task_table = TaskTable.of_sources(work, [s.name for s in eval_sets])
     with timer.stage("eval_before"):
         before = _perplexities(model, eval_sets, work, processes)
+        if causal:
+            add_samples(samples, "dense", model, tokenizer, work.device)
+            task_table.add("dense", model, tokenizer, work.device)
+    healing = None
+    if config.heal:
+        with timer.stage("heal_targets"):
+            healing = HealingInputs.before_compression(model, tokenizer, work)
 
     with timer.stage("plan"):
         ranks = plan_ranks(model, work, state, input_ids, vocab)
@@ -297,6 +325,19 @@ def compress_and_write(config: CompressConfig) -> tuple[Report, nn.Module]:
 
     with timer.stage("eval_after"):
         after = _perplexities(model, eval_sets, work, processes)
+        if causal:
+            add_samples(samples, "compressed", model, tokenizer, work.device)
+            task_table.add("compressed", model, tokenizer, work.device)
+    if healing is not None:
+        with timer.stage("heal"):
+            outcome = healing.heal(model, work, eval_sets)
+        with timer.stage("eval_healed"):
+            healed = _perplexities(model, eval_sets, work, processes)
+            add_samples(samples, "healed", model, tokenizer, work.device)
+            task_table.add("healed", model, tokenizer, work.device)
+        healing.report = healing_report(work, healing.teacher, healing.sources, healing.rows, outcome, before, after,
+                                        healed)
+        after = healed
 
     def write(tmp: Path) -> Report:
         with timer.stage("write"):
@@ -304,6 +345,13 @@ def compress_and_write(config: CompressConfig) -> tuple[Report, nn.Module]:
                 densify_(model)
             write_checkpoint(model, tmp, source_dir=loaded.path, max_shard_size=shard_size_bytes(config.shard_size))
         report = _build_report(config, state, params_before, before, after, timer, notes)
+        report.samples, report.tasks = samples, task_table.table
+        if healing is not None:
+            from subspace_cli.report.plots import plot_curve
+
+            report.healing = healing.report
+            plot_curve(healing.report.curve, healing.report.evals, tmp / "healing_curve.png", f"healing {config.out}")
+            report.output["plot"] = "healing_curve.png"
         if config.bench:
             with timer.stage("bench"):
                 report.bench = bench_output(config, tmp)
@@ -312,6 +360,31 @@ def compress_and_write(config: CompressConfig) -> tuple[Report, nn.Module]:
 
     report = write_output("compress", config, write, processes)
     return report or _build_report(config, state, params_before, before, after, timer, notes), model
+
+
+@dataclass
+class HealingInputs:
+    """compress --heal: what the dense model gives healing before it is compressed in place (its
+    top-k targets on the healing rows), so the teacher is never held beside the student."""
+
+    teacher: str
+    sources: list[str]
+    rows: torch.Tensor  # [N, heal_seqlen]
+    targets: TeacherTargets | None
+    report: HealingReport | None = None
+
+    @classmethod
+    def before_compression(cls, model: nn.Module, tokenizer, config: CompressConfig) -> HealingInputs:
+        sources = config.heal_data or list(config.calib) or ["builtin:shakespeare"]
+        rows = heal_rows(config, sources, model, tokenizer, config.heal, config.seed, config.device)
+        targets = None if config.heal_loss == "lm" else teacher_targets(model, rows, config.heal_top_k,
+                                                                        config.batch_size, config.device)
+        return cls(config.model, sources, rows, targets)
+
+    def heal(self, model: nn.Module, config: CompressConfig, eval_sets: list[EvalSet]):
+        windows = eval_sets[0].windows[:8] if eval_sets else None
+        return heal_model(model, self.rows, self.targets, config, config.heal, windows,
+                          {"eval_every": max(1, config.heal // 4), "eval_rows": 8, "save_every": 0, "seed": config.seed})
 
 
 def bench_output(config: CompressConfig, written: Path) -> dict:

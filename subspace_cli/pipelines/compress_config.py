@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from subspace_cli.pipelines.config_paths import DATA, MODEL, OUTPUT
+from subspace_cli.pipelines.heal_options import HealOptions
+from subspace_cli.pipelines.task_options import TaskOptions
 
 
 class RunOptions(BaseModel):
@@ -27,7 +29,7 @@ DEVICES_DESCRIPTION = ("place the model's blocks over several devices in one pro
                        "auto (every visible GPU) or a list, cuda:0,cuda:1; overrides --device")
 
 
-class CompressConfig(RunOptions):
+class CompressConfig(RunOptions, HealOptions, TaskOptions):
     model: Annotated[str, MODEL] = Field(description="model: local directory, cached hub id, or builtin:smollm2-135m / builtin:minilm-l6")
     out: Annotated[str, OUTPUT] = Field(description="output directory (written atomically)")
     method: str = Field("svd-llm", description="compression method (see `subspace methods`)")
@@ -65,6 +67,9 @@ class CompressConfig(RunOptions):
     eval_seqlen: int = Field(512, ge=8, description="tokens per perplexity window (non-overlapping)")
     eval_chars: int = Field(40000, ge=100, description="characters of held-out text scored per source")
     skip_eval: bool = Field(False, description="skip the before/after perplexity evaluation")
+    heal: int | None = Field(
+        None, ge=1, description="after compressing, heal for STEPS optimizer steps: train the factors toward the dense "
+        "model's next-token distribution (--heal-* options; same format and parameter count; see `subspace heal`)")
     bench: bool = Field(False, description="also measure prefill / decode speed of the output against the input model "
                         "(`subspace bench` with its defaults; loads both once more) and add it to the report")
     targets: str | None = Field(

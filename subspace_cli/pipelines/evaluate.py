@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 from subspace_cli.errors import UsageError
 from subspace_cli.pipelines.compress_config import DEVICES_DESCRIPTION, RunOptions
 from subspace_cli.pipelines.config_paths import DATA, MODEL
+from subspace_cli.pipelines.task_options import TaskOptions
 
 log = logging.getLogger(__name__)
 
@@ -22,18 +23,13 @@ FIELDS = ("ppl", "nll", "n_tokens")
 BASELINE_FIELDS = ("baseline_ppl", "baseline_nll", "ppl_ratio", "kl", "embedding_similarity")
 
 
-class EvalConfig(RunOptions):
+class EvalConfig(RunOptions, TaskOptions):
     model: Annotated[str, MODEL] = Field(description="model: local directory, cached hub id, or builtin:smollm2-135m / builtin:minilm-l6")
     data: Annotated[str, DATA] = Field(description="evaluation data: text file, directory of .txt, .jsonl with 'text', builtin:shakespeare or builtin:kjv")
     baseline: Annotated[str | None, MODEL] = Field(None, description="reference model for ppl_ratio and per-token KL (or embedding similarity for encoders)")
     eval_seqlen: int = Field(512, ge=2, description="tokens per perplexity window")
     eval_chars: int = Field(40000, ge=100, description="characters of the split scored (from its start)")
     split: Literal["heldout", "all"] = Field("heldout", description="heldout: the last 5% of the data (never used for calibration); all: the whole text")
-    tasks: list[str] = Field(
-        default_factory=list,
-        description="zero-shot tasks built from the same text, scored beside perplexity: lambada (last-word "
-        "prediction), cloze (4-way continuation choice); comma-separated; gate on TASK.acc, TASK.acc_ratio")
-    task_examples: int = Field(100, ge=1, description="examples per task (fewer when the text is short)")
     fail_if: list[str] = Field(default_factory=list, description="quality gate 'FIELD OP VALUE', e.g. 'ppl_ratio>1.5'; repeatable; exit 1 if any holds")
     batch_size: int = Field(8, ge=1, description="windows per forward pass")
     devices: str | None = Field(None, description=DEVICES_DESCRIPTION)
@@ -44,13 +40,6 @@ class EvalConfig(RunOptions):
         # A recipe may write a single gate as a plain string; the CLI always passes a list.
         return [value] if isinstance(value, str) else value
 
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def _split_tasks(cls, value):
-        if isinstance(value, str):
-            value = [value]
-        return [part.strip() for item in value or [] for part in str(item).split(",") if part.strip()]
-
 
 def task_fields(tasks: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(gate fields of the tasks, those that need --baseline)."""
@@ -60,9 +49,9 @@ def task_fields(tasks: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
 def validate(config: EvalConfig):
     """Gate syntax and fields, before any weights are loaded (exit 2)."""
     from subspace_cli.evaluate.gates import parse_conditions
-    from subspace_cli.evaluate.tasks import check_tasks
+    from subspace_cli.pipelines.task_checks import check_task_names
 
-    own, relative = task_fields(check_tasks(config.tasks))
+    own, relative = task_fields(check_task_names(config.tasks))
     conditions = parse_conditions(config.fail_if, FIELDS + BASELINE_FIELDS + own + relative)
     if config.baseline is None:
         for cond in conditions:
@@ -73,27 +62,18 @@ def validate(config: EvalConfig):
 
 
 def run_tasks(config: EvalConfig, loaded, baseline, text: str, device, what: str) -> dict[str, dict]:
-    """{task: {acc, n, chance[, baseline_acc, acc_ratio]}} for every --tasks name."""
-    from subspace_cli.evaluate.perplexity import is_causal_lm
-    from subspace_cli.evaluate.tasks import CHOICES, build, score
-    from subspace_cli.io.data import special_tokens
-    from subspace_cli.pipelines.progress import progress_bar
+    """{task: {acc, n, chance[, metric, baseline_acc, acc_ratio]}} for every --tasks name (lm-eval tasks
+    also give `metric`, the lm-eval metric reported as acc)."""
+    from subspace_cli.pipelines.task_checks import model_task_scores
 
-    if not is_causal_lm(loaded.model):
-        raise UsageError(f"--tasks needs a causal language model; '{config.model}' is a "
-                         f"{type(loaded.model).__name__}")
-    prefix = special_tokens(loaded.tokenizer).prefix
-    results = {}
-    for name in config.tasks:
-        examples = build(name, loaded.tokenizer, text, config.task_examples, prefix, what)
-        models = [loaded.model] + ([baseline.model] if baseline is not None else [])
-        with progress_bar(f"task {name}", total=len(examples) * len(models)) as advance:
-            accs = [score(model, name, examples, device, progress=advance) for model in models]
-        entry = {"acc": accs[0], "n": len(examples), "chance": 0.0 if name == "lambada" else 1 / CHOICES}
-        if baseline is not None:
-            entry["baseline_acc"] = accs[1]
-            entry["acc_ratio"] = accs[0] / accs[1] if accs[1] else float("nan")
-        results[name] = entry
+    tokenizer = loaded.tokenizer if loaded.tokenizer is not None else baseline.tokenizer
+    scores = [model_task_scores(m.model, tokenizer, config.tasks, text, config.task_examples, device, config.batch_size,
+                                what) for m in [loaded] + ([baseline] if baseline is not None else [])]
+    results = scores[0]
+    if baseline is not None:
+        for task, entry in results.items():
+            entry["baseline_acc"] = scores[1][task]["acc"]
+            entry["acc_ratio"] = entry["acc"] / entry["baseline_acc"] if entry["baseline_acc"] else float("nan")
     return results
 
 

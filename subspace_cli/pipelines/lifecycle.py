@@ -35,7 +35,7 @@ def report_fields(verb: str, config: BaseModel, method_config: BaseModel | None,
                   ) -> dict[str, Any]:
     """The fields every verb's Report starts from."""
     return {
-        "tool_version": __version__, "verb": verb, "model": model or config.model, "method": config.method,
+        "tool_version": __version__, "verb": verb, "model": model or config.model, "method": getattr(config, "method", verb),
         "config": config.model_dump(mode="json"),
         "method_options": method_config.model_dump(mode="json", by_alias=True) if method_config is not None else {},
     }

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from subspace_cli.errors import UsageError
+from subspace_cli.evaluate.samples import add_samples
 from subspace_cli.io.devices import check_device
 from subspace_cli.io.lazy_checkpoint import compare_layouts
 from subspace_cli.io.lora_checkpoint import LoraCheckpoint
@@ -28,16 +29,31 @@ from subspace_cli.io.output_dir import check_output_dir
 from subspace_cli.io.planned_writer import PlannedShardWriter, TensorSpec
 from subspace_cli.io.sharded_writer import shard_size_bytes
 from subspace_cli.methods.catalog import get_method
-from subspace_cli.methods.merge.base import (MergeContext, ModelMerge, PreparedMerge, TensorInputs, merged_sparsity,
-                                             task_vector_stats)
+from subspace_cli.methods.merge.base import (
+    MergeContext,
+    ModelMerge,
+    PreparedMerge,
+    TensorInputs,
+    merged_sparsity,
+    task_vector_stats,
+)
 from subspace_cli.methods.registry import Needs
 from subspace_cli.modules.checkpoint import COPIED_FILES
 from subspace_cli.pipelines.config_paths import input_refs
 from subspace_cli.pipelines.lifecycle import measured, report_fields, write_output
 from subspace_cli.pipelines.merge_config import MergeConfig
-from subspace_cli.pipelines.merge_inputs import (check_vocabularies, eval_windows, input_labels, model_dir, open_inputs,
-                                                 require_finite, task_batches)
+from subspace_cli.pipelines.merge_inputs import (
+    check_vocabularies,
+    eval_windows,
+    heldout_texts,
+    input_labels,
+    model_dir,
+    open_inputs,
+    require_finite,
+    task_batches,
+)
 from subspace_cli.pipelines.progress import progress_bar
+from subspace_cli.pipelines.task_checks import TaskTable, check_task_names
 from subspace_cli.report.plots import plot_mask_density
 from subspace_cli.report.resources import StageTimer
 from subspace_cli.report.schema import MergeReport, MergeTensorReport, Report
@@ -79,6 +95,9 @@ def validate(config: MergeConfig):
         task, sep, source = pair.partition("=")
         if not sep or not task or not source:
             raise UsageError(f"--eval '{pair}' is not TASK=SOURCE (e.g. kjv=builtin:kjv)")
+    check_task_names(config.tasks)
+    if config.tasks and not config.eval:
+        raise UsageError("--tasks are scored on the held-out text of each --eval TASK=SOURCE; pass --eval too")
     shard_size_bytes(config.shard_size)
     check_output_dir(Path(config.out), config.overwrite, input_refs(config))
     return method, method_config, weights, densities
@@ -203,9 +222,11 @@ def _load_for_eval(checkpoint, config: MergeConfig):
 
 
 def evaluate_merge(config: MergeConfig, merged_dir: Path, base, inputs, labels: list[str], merge: MergeReport,
-                   notes: list[str], windows: dict[str, torch.Tensor]) -> None:
+                   notes: list[str], windows: dict[str, torch.Tensor], task_table: TaskTable | None = None,
+                   tokenizer=None, samples: list[dict] | None = None) -> None:
     """Held-out perplexity per task of the merge, the base and every input; normalised to the specialists.
-    `windows`: each task's token windows (merge_inputs.eval_windows, read before the merge)."""
+    `windows`: each task's token windows (merge_inputs.eval_windows, read before the merge). With --tasks,
+    `task_table` gets each model's task accuracy on the same held-out texts."""
     import gc
 
     from subspace_cli.evaluate.perplexity import is_causal_lm, perplexity
@@ -225,6 +246,10 @@ def evaluate_merge(config: MergeConfig, merged_dir: Path, base, inputs, labels: 
             for task, _ in tasks:
                 table[task][label] = perplexity(model, windows[task], batch_size=config.batch_size)["ppl"]
                 advance()
+            if task_table is not None:
+                task_table.add(label, model, tokenizer, config.device)
+            if samples is not None:
+                add_samples(samples, label, model, tokenizer, config.device)
             del model
             gc.collect()
     merge.perplexity = table
@@ -253,7 +278,12 @@ def run_merge(config: MergeConfig) -> Report:
             check_vocabularies(reference, reference_label, [c for _, c in others], [label for label, _ in others])
             # --eval text is read and tokenized now (the reference's tokenizer is the one the merge gets), so a
             # bad source fails before the merge rather than after it.
-            windows = eval_windows(config, load_tokenizer(model_dir(reference))) if config.eval else {}
+            tokenizer = load_tokenizer(model_dir(reference)) if config.eval else None
+            texts = heldout_texts(config) if config.eval else {}
+            windows = eval_windows(config, tokenizer, texts) if config.eval else {}
+            samples: list[dict] = []  # greedy samples of every model, made with --eval
+            task_table = TaskTable(config, texts if config.tasks else {},
+                                   {task: f"the held-out 5% of --eval '{pair}'" for task, pair in zip(texts, config.eval)})
         merge = MergeReport(base=config.base, models=list(config.models), weights=weights, densities=densities)
         prepared = PreparedMerge(replaced={})
         if isinstance(method, ModelMerge):
@@ -271,10 +301,11 @@ def run_merge(config: MergeConfig) -> Report:
                 plot_mask_density(merge.tensors, tmp / "mask_density.png", title=f"{config.method} mask density per tensor")
             if config.eval:
                 with timer.stage("evaluate"):
-                    evaluate_merge(config, tmp, base, inputs, labels, merge, notes, windows)
+                    evaluate_merge(config, tmp, base, inputs, labels, merge, notes, windows, task_table, tokenizer,
+                                   samples)
             report = Report(
                 **report_fields("merge", config, method_config, model=config.base or config.models[0]), merge=merge,
-                notes=notes, output={"path": str(config.out), "shards": shards.get("shards"),
+                notes=notes, tasks=task_table.table, samples=samples, output={"path": str(config.out), "shards": shards.get("shards"),
                                      "bytes": shards.get("total_bytes")})
             return measured(report, timer)
 

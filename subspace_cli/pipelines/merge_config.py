@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from subspace_cli.pipelines.compress_config import RunOptions
 from subspace_cli.pipelines.config_paths import DATA, MODEL, OUTPUT, TASK_DATA
+from subspace_cli.pipelines.task_options import TaskOptions
 
 
 def _split_commas(value):
@@ -23,7 +24,7 @@ def _split_commas(value):
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
-class MergeConfig(RunOptions):
+class MergeConfig(RunOptions, TaskOptions):
     models: Annotated[list[str], MODEL] = Field(
         description="fine-tuned models (directories, cached hub ids, builtin:NAME) or PEFT LoRA adapter directories "
         "(applied to --base); at least two")

@@ -271,13 +271,16 @@ def task_batches(config: MergeConfig, tokenizer) -> list[torch.Tensor]:
             for i, spec in enumerate(config.data)]
 
 
-def eval_windows(config: MergeConfig, tokenizer) -> dict[str, torch.Tensor]:
+def heldout_texts(config: MergeConfig) -> dict[str, str]:
+    """--eval: each task's held-out text (the last 5% of its source)."""
+    return {task: _load("--eval", source, heldout=True) for task, _, source in
+            (pair.partition("=") for pair in config.eval)}
+
+
+def eval_windows(config: MergeConfig, tokenizer, texts: dict[str, str]) -> dict[str, torch.Tensor]:
     """--eval: each task's held-out windows [n, eval_seqlen], read before the merge so a bad source fails fast."""
     from subspace_cli.io import data
 
-    windows = {}
-    for pair in config.eval:
-        task, _, source = pair.partition("=")
-        windows[task] = data.eval_windows(tokenizer, _load("--eval", source, heldout=True), config.eval_seqlen,
-                                          config.eval_chars, what=f"the held-out 5% of --eval '{pair}'")
-    return windows
+    return {task: data.eval_windows(tokenizer, text, config.eval_seqlen, config.eval_chars,
+                                    what=f"the held-out 5% of --eval '{pair}'")
+            for (task, text), pair in zip(texts.items(), config.eval)}

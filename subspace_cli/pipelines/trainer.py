@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,7 +197,18 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, settings: TrainSett
     return meta["step"]
 
 
-def train(model: nn.Module, train_data: TokenBatchSet, eval_data: TokenBatchSet, settings: TrainSettings) -> TrainResult:
+LossFn = Callable[[nn.Module, dict, torch.Tensor], torch.Tensor]  # (model, micro-batch, its row ids) -> mean loss
+
+
+def lm_loss(model: nn.Module, batch: dict, rows: torch.Tensor) -> torch.Tensor:
+    """model(**batch).loss, with each chunk's logits recomputed in backward."""
+    return causal_lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+
+def train(model: nn.Module, train_data: TokenBatchSet, eval_data: TokenBatchSet, settings: TrainSettings,
+          loss_fn: LossFn = lm_loss) -> TrainResult:
+    """Train the parameters that require grad; `loss_fn` makes each micro-batch's loss (default: the
+    text's next-token cross-entropy; healing passes its distillation loss, which reads the rows' ids)."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision="bf16" if settings.precision == "bf16" else "no",
@@ -227,9 +239,7 @@ def train(model: nn.Module, train_data: TokenBatchSet, eval_data: TokenBatchSet,
                 batch = _batch(train_data, rows, device)
                 sync = micro == settings.grad_accum - 1
                 with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                    # model(**batch).loss, with each chunk's logits recomputed in backward
-                    loss = causal_lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-                    loss = loss / settings.grad_accum
+                    loss = loss_fn(model, batch, rows) / settings.grad_accum
                 accelerator.backward(loss)
                 loss_sum += float(loss.detach())
                 result.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes

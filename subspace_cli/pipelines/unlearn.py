@@ -16,6 +16,7 @@ import torch
 from subspace_cli.errors import RuntimeFailure, UsageError
 from subspace_cli.evaluate.membership import membership_auc
 from subspace_cli.evaluate.perplexity import check_seqlen, is_causal_lm, perplexity
+from subspace_cli.evaluate.samples import add_samples
 from subspace_cli.io import data as text_data
 from subspace_cli.io.output_dir import check_output_dir
 from subspace_cli.io.sharded_writer import shard_size_bytes
@@ -27,6 +28,7 @@ from subspace_cli.pipelines.config_paths import input_refs
 from subspace_cli.pipelines.distributed import Processes, current_processes
 from subspace_cli.pipelines.lifecycle import measured, report_fields, write_output
 from subspace_cli.pipelines.progress import progress_bar
+from subspace_cli.pipelines.task_checks import TaskTable, check_task_names
 from subspace_cli.pipelines.unlearn_config import UnlearnConfig
 from subspace_cli.report.resources import StageTimer
 from subspace_cli.report.schema import ChangedTensor, PerplexityReport, Report, UnlearnReport
@@ -42,6 +44,7 @@ def validate(config: UnlearnConfig):
         log.warning("--forget and --retain are the same source")
         raise UsageError(f"--forget and --retain are both '{config.forget}': there is nothing to keep apart; "
                          "pass different data")
+    check_task_names(config.tasks)
     check_output_dir(Path(config.out), config.overwrite, input_refs(config))
     shard_size_bytes(config.shard_size)
     return method, method_config
@@ -79,6 +82,7 @@ class _Sets:
             retain=text_data.sample_calibration(
                 tokenizer, retain_pool, config.retain_samples, config.seqlen, config.seed + 1,
                 text_data.SampleFlags("--retain", "--retain-samples", "--seqlen"), config.retain))
+        self.heldout = {"forget": forget_held, "retain": retain_held}  # texts of the task checks
         self.forget_eval = text_data.eval_windows(tokenizer, forget_held, config.eval_seqlen, config.eval_chars,
                                                   what=_held_out_name(config.forget, config.eval_forget, "forget"))
         self.retain_eval = text_data.eval_windows(tokenizer, retain_held, config.eval_seqlen, config.eval_chars,
@@ -195,8 +199,12 @@ def run_unlearn(config: UnlearnConfig) -> Report:
         sets = _Sets(config, tokenizer)
     notes.append(f"membership AUC: {sets.train.forget.shape[0]} forget rows against {sets.nonmembers.shape[0]} "
                  f"windows of the {sets.nonmember_source} that no training row touches")
+    tasks = TaskTable(config, sets.heldout, {"forget": _held_out_name(config.forget, config.eval_forget, "forget"),
+                                             "retain": _held_out_name(config.retain, config.eval_retain, "retain")})
     with timer.stage("eval_before"):
         before = _scores(model, sets, config)
+        samples = add_samples([], "before", model, tokenizer, processes.device(config.device))
+        tasks.add("before", model, tokenizer, processes.device(config.device))
     with timer.stage("prepare"):
         plan = method.plan(model, sets.train, method_config, torch.Generator().manual_seed(config.seed))
     notes.extend(plan.notes)  # e.g. what the block-layout probe found (methods/unlearn/architecture.py)
@@ -210,6 +218,8 @@ def run_unlearn(config: UnlearnConfig) -> Report:
         p.requires_grad_(False)
     with timer.stage("eval_after"):
         after = _scores(model, sets, config)
+        add_samples(samples, "after", model, tokenizer, processes.device(config.device))
+        tasks.add("after", model, tokenizer, processes.device(config.device))
     with timer.stage("diff"):
         changed, unchanged, unknown = changed_tensors(model, loaded.path, config.allow_pickle)
     state = model.state_dict()
@@ -229,7 +239,7 @@ def run_unlearn(config: UnlearnConfig) -> Report:
         unlearn=UnlearnReport(layer=int(plan.diagnostics["layer"]), targeted=plan.targeted, changed=changed,
                               unchanged=unchanged, mia_auc_before=before["mia"], mia_auc_after=after["mia"],
                               losses=curve, diagnostics=diagnostics),
-        notes=notes, output={"path": str(out)})
+        notes=notes, output={"path": str(out)}, tasks=tasks.table, samples=samples)
     def write(tmp: Path) -> Report:
         with timer.stage("write"):
             write_checkpoint(model, tmp, source_dir=loaded.path, max_shard_size=shard_size_bytes(config.shard_size))

@@ -9,9 +9,10 @@ from pydantic import Field, field_validator
 
 from subspace_cli.pipelines.compress_config import RunOptions
 from subspace_cli.pipelines.config_paths import DATA, MODEL, OUTPUT
+from subspace_cli.pipelines.task_options import TaskOptions
 
 
-class UnlearnConfig(RunOptions):
+class UnlearnConfig(RunOptions, TaskOptions):
     model: Annotated[str, MODEL] = Field(description="model: local directory, cached hub id, or builtin:smollm2-135m")
     out: Annotated[str, OUTPUT] = Field(description="output directory (written atomically): the edited checkpoint and its report")
     method: str = Field("rmu", description="unlearning method (see `subspace methods`)")

@@ -18,6 +18,7 @@ from subspace_cli.pipelines.adapt_config import AdaptConfig
 from subspace_cli.pipelines.bench import BenchConfig
 from subspace_cli.pipelines.compress_config import CompressConfig
 from subspace_cli.pipelines.evaluate import EvalConfig
+from subspace_cli.pipelines.heal_config import HealConfig
 from subspace_cli.pipelines.inspect import InspectConfig
 from subspace_cli.pipelines.merge_config import MergeConfig
 from subspace_cli.pipelines.unlearn_config import UnlearnConfig
@@ -47,6 +48,7 @@ class Verb:
 VERBS: dict[str, Verb] = {verb.name: verb for verb in (
     Verb("compress", CompressConfig, "subspace_cli.pipelines.compress", "run_compress", print_report),
     Verb("adapt", AdaptConfig, "subspace_cli.pipelines.adapt", "run_adapt", print_report),
+    Verb("heal", HealConfig, "subspace_cli.pipelines.heal", "run_heal", print_report),
     Verb("merge", MergeConfig, "subspace_cli.pipelines.merge", "run_merge", print_report),
     Verb("unlearn", UnlearnConfig, "subspace_cli.pipelines.unlearn", "run_unlearn", print_report),
     Verb("eval", EvalConfig, "subspace_cli.pipelines.evaluate", "run_eval", print_eval, writes_output=False),

@@ -33,6 +33,12 @@ def to_markdown(report: Report) -> str:
         lines.append("")
     if report.training:
         lines += _training_section(report)
+    if report.healing:
+        lines += _healing_section(report.healing)
+    if report.tasks:
+        lines += _tasks_section(report.tasks)
+    if report.samples:
+        lines += _samples_section(report.samples)
     if report.merge:
         lines += _merge_section(report.merge)
     if report.unlearn:
@@ -84,6 +90,48 @@ def _training_section(report: Report) -> list[str]:
         ranks = sorted({a.export_rank for a in report.adapters})
         lines += [f"{len(report.adapters)} adapted layers, exported as LoRA of rank {', '.join(map(str, ranks))}; "
                   f"the curve is in training_curve.png.", ""]
+    return lines
+
+
+def _healing_section(h) -> list[str]:
+    lines = ["## Healing", "",
+             f"{h.steps} steps of {h.loss} toward {h.teacher}, {h.tokens:,} tokens ({h.rows} rows of {h.seqlen} from "
+             f"{', '.join(h.data)}), peak lr {h.lr:g}, {h.seconds:.1f} s"
+             + (f"; resumed from step {h.resumed_from}" if h.resumed_from else "") + ".", "",
+             f"Parameter elements (nn.Parameter; a dictionary's packed positions are buffers): {h.params_before:,} "
+             f"before healing, {h.params_after:,} after; {h.trainable_params:,} trained"
+             + (f"; atom positions of {h.dictionary_patterns_kept} dictionary layers unchanged"
+                if h.dictionary_patterns_kept else "") + ".", "",
+             "| data | dense | compressed | healed | healed / dense |", "|---|---:|---:|---:|---:|"]
+    for name, p in h.perplexity.items():
+        lines.append(f"| {name} | {_fmt(p['dense'])} | {_fmt(p['compressed'])} | {_fmt(p['healed'])} | "
+                     f"{_fmt(p['healed'] / p['dense'])} |")
+    lines.append("")
+    if h.evals:
+        lines += ["| step | held-out loss | perplexity |", "|---:|---:|---:|"]
+        lines += [f"| {int(e['step'])} | {e['loss']:.4f} | {e['ppl']:.2f} |" for e in h.evals] + [""]
+    return lines
+
+
+def _tasks_section(tasks: dict) -> list[str]:
+    labels = list(dict.fromkeys(label for rows in tasks.values() for row in rows.values() for label in row["acc"]))
+    lines = ["## Task accuracy", "", "| data | task | examples | chance | " + " | ".join(labels) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(labels)]
+    for source, rows in tasks.items():
+        for task, row in rows.items():
+            cells = " | ".join(_fmt(row["acc"].get(label), 3) for label in labels)
+            lines.append(f"| {source} | {task} | {row['n']} | {_fmt(row['chance'], 3)} | {cells} |")
+    return lines + [""]
+
+
+def _samples_section(samples: list[dict]) -> list[str]:
+    lines = ["## Greedy samples", ""]
+    for sample in samples:
+        lines += [f"Prompt: `{sample['prompt']}`", "", "| model | continuation |", "|---|---|"]
+        for label, text in sample["outputs"].items():
+            one_line = " ⏎ ".join(text.strip().splitlines()).replace("|", "\\|")
+            lines.append(f"| {label} | {one_line} |")
+        lines.append("")
     return lines
 
 
@@ -202,6 +250,13 @@ def print_report(report: Report) -> None:
         t = report.training
         console.print(f"trained {t.steps} steps ({t.tokens:,} tokens) of {t.trainable_params:,} parameters "
                       f"({t.trainable_params / max(t.total_params, 1):.3%} of the model)")
+    if report.healing:
+        h = report.healing
+        console.print(f"healed {h.steps} steps ({h.loss}, {h.tokens:,} tokens) of {h.trainable_params:,} parameters; "
+                      f"model {h.params_before:,} -> {h.params_after:,} parameters")
+        for name, p in h.perplexity.items():
+            console.print(f"  {name}: dense {_fmt(p['dense'])}, compressed {_fmt(p['compressed'])}, healed "
+                          f"{_fmt(p['healed'])}")
     if report.perplexity:
         table = Table(title="held-out perplexity")
         for col in ("data", "before", "after", "ratio", "tokens"):

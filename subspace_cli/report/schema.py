@@ -73,6 +73,36 @@ class TrainingReport(BaseModel):
     evals: list[dict[str, float]] = Field(default_factory=list, description="held-out step, loss, ppl")
 
 
+class HealingReport(BaseModel):
+    """A healing run (subspace heal, compress --heal): distillation of the compressed model toward its teacher."""
+
+    teacher: str
+    loss: str = Field(description="kl, lm or mix")
+    data: list[str] = Field(description="healing sources")
+    rows: int
+    seqlen: int
+    steps: int
+    lr: float
+    seconds: float
+    tokens: int
+    trainable_params: int
+    params_before: int = Field(description="the model's nn.Parameter elements before healing (a dictionary's packed "
+                               "positions are buffers: params.model_after counts them too)")
+    params_after: int = Field(description="and after: always equal (checked)")
+    dictionary_patterns_kept: int = Field(0, description="dictionary layers whose atom positions were checked unchanged")
+    resumed_from: int | None = None
+    perplexity: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="source -> {dense, compressed, healed} perplexity on its held-out text")
+    curve: list[dict[str, float]] = Field(default_factory=list, description="per step: step, loss, lr, grad_norm")
+    evals: list[dict[str, float]] = Field(default_factory=list, description="held-out step, loss, ppl")
+
+    def perplexity_report(self, before: dict[str, dict], after: dict[str, dict]) -> dict[str, "PerplexityReport"]:
+        """PerplexityReport rows from two perplexity() results per source."""
+        return {name: PerplexityReport(before=before[name]["ppl"], after=after[name]["ppl"],
+                                       ratio=after[name]["ppl"] / before[name]["ppl"], n_tokens=after[name]["n_tokens"])
+                for name in after}
+
+
 class MergeTensorReport(BaseModel):
     name: str
     shape: tuple[int, ...]
@@ -130,6 +160,11 @@ class Report(BaseModel):
     output: dict[str, Any] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
     training: TrainingReport | None = None  # adapt
+    healing: HealingReport | None = None  # heal, compress --heal
+    tasks: dict[str, dict[str, dict[str, Any]]] = Field(
+        default_factory=dict, description="--tasks: source -> task -> {n, chance, acc: {model: accuracy}}")
+    samples: list[dict[str, Any]] = Field(
+        default_factory=list, description="greedy continuations of fixed prompts: [{prompt, outputs: {model: text}}]")
     adapters: list[AdapterLayerReport] = Field(default_factory=list)  # adapt
     merge: MergeReport | None = None  # merge
     unlearn: UnlearnReport | None = None  # unlearn
